@@ -1,0 +1,14 @@
+"""vllm-dspark: DSpark speculative decoding for vLLM.
+
+The engine-free core (``model``, ``decode``, ``config``, ``checkpoint``) imports
+only torch; everything touching vLLM internals lives in ``vllm_dspark.engine``.
+"""
+
+__version__ = "0.1.0"
+
+
+def register() -> None:
+    """vLLM ``general_plugins`` entry point: runs in every vLLM process, once."""
+    from vllm_dspark.engine.patches import apply_all
+
+    apply_all()

@@ -1,0 +1,123 @@
+"""Every change vllm-dspark makes to vLLM 0.32, applied once per process.
+
+PATCHES.md (beside this file) is the ledger: why each exists, what it touches
+upstream, and when it can go. Each patch is idempotent and has its own test in
+tests/engine/test_patches.py.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+from vllm_dspark.config import DSparkConfig, DSparkConfigError
+
+DRAFT_ARCH = "Qwen3DSparkModel"
+_V1_BLOCKER = "dspark speculative decoding"
+_applied = False
+
+
+def apply_all() -> None:
+    global _applied
+    if _applied:
+        return
+    register_draft_model()
+    allow_dspark_on_v1_runner()
+    validate_draft_at_startup()
+    install_v1_proposer()
+    _applied = True
+
+
+def register_draft_model() -> None:
+    """Serve ``Qwen3DSparkModel`` drafts with our model (all three Markov heads)."""
+    from vllm import ModelRegistry
+
+    ModelRegistry.register_model(DRAFT_ARCH, "vllm_dspark.engine.model:DSparkForCausalLM")
+
+
+def allow_dspark_on_v1_runner() -> None:
+    """vLLM 0.32 lists dspark as unsupported on the V1 runner; we supply the V1 proposer."""
+    from vllm.config import VllmConfig
+
+    original = VllmConfig._get_v1_model_runner_unsupported_features
+    if getattr(original, "_dspark", False):
+        return
+
+    @functools.wraps(original)
+    def patched(self):
+        return [f for f in original(self) if f != _V1_BLOCKER]
+
+    patched._dspark = True
+    VllmConfig._get_v1_model_runner_unsupported_features = patched
+
+
+def check_speculative_dict(spec: dict, target_model_config) -> None:
+    """The start-up checks of a ``speculative_config`` dict with method 'dspark'."""
+    path = spec.get("model")
+    if not path:
+        raise DSparkConfigError(
+            "speculative_config method 'dspark' needs 'model': the directory of a DSpark "
+            "draft checkpoint (upstream's target-embedded DSpark is DeepSeek-V4 only)."
+        )
+    if not os.path.isdir(path):
+        raise DSparkConfigError(
+            f"DSpark draft {path!r} is not a local directory; vllm-dspark loads drafts "
+            "from disk. Download or train the draft and pass its directory."
+        )
+    from vllm_dspark.checkpoint import check_weights
+
+    cfg = DSparkConfig.from_dir(path)
+    text = target_model_config.hf_text_config
+    gamma = spec.get("num_speculative_tokens")
+    cfg.check_against_target(
+        target_num_layers=int(text.num_hidden_layers),
+        target_vocab_size=int(target_model_config.get_vocab_size()),
+        target_hidden_size=int(target_model_config.get_hidden_size()),
+        num_speculative_tokens=int(gamma) if gamma is not None else None,
+        source=f"DSpark draft {path!r}",
+    )
+    check_weights(path, cfg)
+
+
+def validate_draft_at_startup() -> None:
+    """Check the draft against the target before vLLM builds configs or spawns workers."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    original = EngineArgs.create_speculative_config
+    if getattr(original, "_dspark", False):
+        return
+
+    @functools.wraps(original)
+    def patched(self, target_model_config, target_parallel_config):
+        spec = self.speculative_config
+        if isinstance(spec, dict) and spec.get("method") == "dspark":
+            check_speculative_dict(spec, target_model_config)
+        return original(self, target_model_config, target_parallel_config)
+
+    patched._dspark = True
+    EngineArgs.create_speculative_config = patched
+
+
+def install_v1_proposer() -> None:
+    """The V1 runner picks EagleProposer for dspark; swap in DSparkProposer.
+
+    CPUModelRunner.__init__ calls GPUModelRunner.__init__, so one wrap covers both.
+    """
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    original = GPUModelRunner.__init__
+    if getattr(original, "_dspark", False):
+        return
+
+    @functools.wraps(original)
+    def patched(self, vllm_config, device, *args, **kwargs):
+        original(self, vllm_config, device, *args, **kwargs)
+        spec = vllm_config.speculative_config
+        if spec is not None and spec.method == "dspark" and hasattr(self, "drafter"):
+            from vllm_dspark.engine.v1.proposer import DSparkProposer
+
+            self.drafter = DSparkProposer(vllm_config, self.device, self)
+            self.use_aux_hidden_state_outputs = True
+
+    patched._dspark = True
+    GPUModelRunner.__init__ = patched

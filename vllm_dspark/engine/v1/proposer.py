@@ -1,0 +1,196 @@
+"""DSpark drafting on vLLM's V1 model runner (the CPU backend, and V1 GPU deployments).
+
+One round, per request r whose last accepted token sits at position p-1:
+
+1. context: the target's hidden states at the draft's layers for every token
+   the target processed this step are projected (fc, hidden_norm, k/v, RoPE) and
+   written into the draft's KV cache at their own slots. Rejected tokens are
+   written too and overwritten later; attention never reads past p-1 for them.
+2. block: queries [x_0, mask × (γ-1)] at positions p..p+γ-1, x_0 the token the
+   target just emitted (DSpark's anchor-first layout), attend to the cached
+   context and bidirectionally to each other (one non-causal forward).
+3. sequential stage: base logits + Markov bias sampled left to right
+   (``vllm_dspark.decode.draft``), plus confidences; with
+   ``draft_sample_method="probabilistic"`` the draft probabilities go to
+   vLLM's rejection sampler so sampling at T > 0 stays lossless.
+
+The draft KV lives in the target's blocks (same block table), so prefix-cache
+hits, preemption + recompute and chunked prefill keep it consistent for free.
+"""
+
+from __future__ import annotations
+
+import torch
+from vllm.forward_context import set_forward_context
+from vllm.logger import init_logger
+from vllm.v1.attention.backend import CommonAttentionMetadata
+from vllm.v1.spec_decode.dflash import DFlashProposer
+from vllm.v1.spec_decode.llm_base_proposer import SpecDecodeBaseProposer
+
+from vllm_dspark.config import DSparkConfig
+from vllm_dspark.decode.draft import sample_block
+
+logger = init_logger(__name__)
+
+
+class DSparkProposer(DFlashProposer):
+    def __init__(self, vllm_config, device: torch.device, runner=None):
+        # DFlashProposer.__init__ asserts method == "dflash" and sizes a 1+γ
+        # query; DSpark's anchor-first block has γ queries, so set up here.
+        SpecDecodeBaseProposer.__init__(
+            self, vllm_config=vllm_config, device=device, pass_hidden_states_to_model=True,
+            runner=runner,
+        )
+        hf_config = self.draft_model_config.hf_config
+        self.dspark = DSparkConfig.from_dict(hf_config.to_dict())
+        # Aux index i+1 = output of target layer i; -1 (embeddings) -> 0.
+        hf_config.eagle_aux_hidden_state_layer_ids = [i + 1 for i in self.dspark.target_layer_ids]
+        self.gamma = self.num_speculative_tokens
+        self.max_query_tokens = self.max_batch_size * self.gamma
+        self.max_padded_query_tokens = max(
+            self.max_query_tokens, vllm_config.compilation_config.max_cudagraph_capture_size or 0
+        )
+        self.max_positions = self.max_num_tokens + self.max_padded_query_tokens
+        i64 = dict(dtype=torch.int64, device=device)
+        self._context_slot_mapping_buffer = torch.zeros(self.max_num_tokens, **i64)
+        self._context_positions_buffer = torch.zeros(self.max_num_tokens, **i64)
+        self._slot_mapping_buffer = torch.zeros(self.max_padded_query_tokens, **i64)
+        self.positions = torch.zeros(self.max_padded_query_tokens, **i64)
+        if self.input_ids.numel() < self.max_padded_query_tokens:
+            self.input_ids = torch.zeros(self.max_padded_query_tokens, dtype=torch.int32,
+                                         device=device)
+        self.arange = torch.arange(self.max_positions + 1, device=device, dtype=torch.int32)
+        self.parallel_drafting_hidden_state_tensor = None
+        self.dflash_causal = False  # the block attends to itself bidirectionally
+        self.target_final_norm = None
+        # Per-round outputs kept for the scheduler and metrics.
+        self.last_confidence: torch.Tensor | None = None
+
+    def load_model(self, target_model) -> None:
+        super().load_model(target_model)
+        # DeepSpec (HF) reads hidden_states[L] for the last layer, which HF
+        # returns after the final norm; vLLM captures it before. Match HF.
+        num_layers = self.vllm_config.model_config.get_total_num_hidden_layers()
+        if num_layers - 1 in self.dspark.target_layer_ids:
+            lm = getattr(target_model, "get_language_model", lambda: target_model)()
+            self.target_final_norm = lm.model.norm
+
+    def _context_states(self, target_hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.target_final_norm is not None:
+            h = self.dspark.hidden_size
+            last = self.target_final_norm(target_hidden_states[:, -h:].contiguous())
+            target_hidden_states = torch.cat([target_hidden_states[:, :-h], last], dim=-1)
+        return self.model.combine_hidden_states(target_hidden_states)
+
+    def _prepare_block(
+        self,
+        gamma: int,
+        next_token_ids: torch.Tensor,  # [B]
+        target_positions: torch.Tensor,  # [T]
+        cad: CommonAttentionMetadata,
+        num_rejected: torch.Tensor | None,  # [B]
+    ) -> tuple[int, CommonAttentionMetadata]:
+        """Context positions/slots, query ids/positions/slots and the block's attention metadata."""
+        b = cad.batch_size()
+        num_ctx = target_positions.shape[0]
+        qsl = cad.query_start_loc.long()
+        counts = qsl[1:] - qsl[:-1]
+        rejected = num_rejected.long() if num_rejected is not None else torch.zeros_like(counts)
+        bt = cad.block_table_tensor
+        bs = self.block_size
+
+        def slots(req: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+            block = bt[req, (pos // bs).clamp(max=bt.shape[1] - 1)].long()
+            return block * bs + pos % bs
+
+        ctx_req = torch.repeat_interleave(torch.arange(b, device=qsl.device), counts)
+        ctx_pos = target_positions[:num_ctx].long()
+        self._context_positions_buffer[:num_ctx] = ctx_pos
+        self._context_slot_mapping_buffer[:num_ctx] = slots(ctx_req, ctx_pos)
+
+        anchor_pos = target_positions[qsl[1:] - 1 - rejected].long() + 1  # [B] = p
+        q_pos = anchor_pos[:, None] + torch.arange(gamma, device=qsl.device)  # [B, γ]
+        q_req = torch.arange(b, device=qsl.device)[:, None].expand(b, gamma)
+        n = b * gamma
+        self.positions[:n] = q_pos.reshape(-1)
+        self._slot_mapping_buffer[:n] = slots(q_req, q_pos).reshape(-1)
+        ids = torch.full((b, gamma), self.dspark.mask_token_id, dtype=torch.int32,
+                         device=qsl.device)
+        ids[:, 0] = next_token_ids.to(torch.int32)
+        self.input_ids[:n] = ids.reshape(-1)
+
+        seq_lens = cad.seq_lens - (num_rejected if num_rejected is not None else 0) + gamma
+        upper = cad.seq_lens_cpu_upper_bound
+        block_cad = CommonAttentionMetadata(
+            query_start_loc=self.arange[: b + 1] * gamma,
+            query_start_loc_cpu=torch.from_numpy(self.token_arange_np[: b + 1]).clone() * gamma,
+            seq_lens=seq_lens,
+            seq_lens_cpu_upper_bound=upper + gamma if upper is not None else None,
+            num_reqs=cad.num_reqs,
+            num_actual_tokens=n,
+            max_query_len=gamma,
+            max_seq_len=cad.max_seq_len + gamma,
+            block_table_tensor=bt,
+            slot_mapping=self._slot_mapping_buffer[:n],
+            causal=False,
+        )
+        return num_ctx, block_cad
+
+    def propose(
+        self,
+        num_speculative_tokens,
+        target_token_ids,
+        target_positions,
+        target_hidden_states,
+        next_token_ids,
+        token_indices_to_sample,
+        common_attn_metadata,
+        sampling_metadata,
+        mm_embed_inputs=None,
+        num_rejected_tokens_gpu=None,
+        slot_mappings=None,
+    ) -> torch.Tensor:
+        gamma = num_speculative_tokens
+        assert 0 <= gamma <= self.gamma, (gamma, self.gamma)
+        self._last_draft_probs = None
+        self.last_confidence = None
+        b = common_attn_metadata.batch_size()
+        ctx_states = self._context_states(target_hidden_states)
+        num_ctx, block_cad = self._prepare_block(
+            max(gamma, 1), next_token_ids, target_positions, common_attn_metadata,
+            num_rejected_tokens_gpu,
+        )
+        # Context K/V go straight into the draft cache (outside any graph).
+        self.model.precompute_and_store_context_kv(
+            ctx_states, self._context_positions_buffer[:num_ctx],
+            self._context_slot_mapping_buffer[:num_ctx],
+        )
+        if gamma == 0:  # nothing to draft; the context cache is in sync
+            return torch.empty(b, 0, dtype=torch.int64, device=self.device)
+
+        n = b * gamma
+        _, per_layer = self.build_per_group_and_layer_attn_metadata(block_cad)
+        mode, n_pad, n_across_dp = self._determine_batch_execution_and_padding(n)
+        with set_forward_context(
+            per_layer, self.vllm_config, num_tokens=n_pad, num_tokens_across_dp=n_across_dp,
+            cudagraph_runtime_mode=mode,
+            slot_mapping=self._get_slot_mapping(n_pad, block_cad.slot_mapping),
+        ):
+            hidden = self.model(
+                input_ids=self.input_ids[:n_pad], positions=self._get_positions(n_pad),
+                inputs_embeds=None,
+            )
+        hidden = hidden[:n]
+        base_logits = self.model.compute_draft_logits(hidden).view(b, gamma, -1)
+        temperature = None if sampling_metadata.all_greedy else sampling_metadata.temperature
+        block = sample_block(
+            base_logits, hidden.view(b, gamma, -1), next_token_ids,
+            temperature=temperature,
+            markov_head=self.model.markov_head,
+            confidence_head=self.model.confidence_head,
+            sts_temperatures=self.dspark.sts_temperatures,
+            want_probs=self._enable_probabilistic_draft_probs,
+        )
+        self._last_draft_probs = block.probs
+        self.last_confidence = block.confidence
+        return block.tokens
