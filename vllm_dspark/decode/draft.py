@@ -29,6 +29,7 @@ class DraftBlock:
     confidence: torch.Tensor | None  # [B, γ] float32 in (0, 1); None without a head
 
 
+@torch.no_grad()
 def sample_block(
     base_logits: torch.Tensor,  # [B, γ, V]
     hidden: torch.Tensor,  # [B, γ, H]

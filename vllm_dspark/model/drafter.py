@@ -32,21 +32,25 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (x32 * self.weight.float()).to(x.dtype)
+        xf = x.to(_compute_dtype(x))  # at least fp32, as vLLM's kernels do
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * self.weight.to(xf.dtype)).to(x.dtype)
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(x.dtype, torch.float32)
 
 
 def rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
     """Neox-style rotary embedding. x: [B, heads, L, D]; positions: [B, L]."""
-    d = x.shape[-1]
-    inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d))
-    ang = positions.float()[..., None] * inv_freq  # [B, L, D/2]
+    d, ct = x.shape[-1], _compute_dtype(x)
+    inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, device=x.device, dtype=ct) / d))
+    ang = positions.to(ct)[..., None] * inv_freq  # [B, L, D/2]
     cos = torch.cat([ang.cos(), ang.cos()], -1)[:, None]
     sin = torch.cat([ang.sin(), ang.sin()], -1)[:, None]
-    x1, x2 = x.float().chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return (x.float() * cos + rotated * sin).to(x.dtype)
+    xc = x.to(ct)
+    x1, x2 = xc.chunk(2, dim=-1)
+    return (xc * cos + torch.cat([-x2, x1], dim=-1) * sin).to(x.dtype)
 
 
 class Attention(nn.Module):

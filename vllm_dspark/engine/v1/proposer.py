@@ -20,6 +20,9 @@ hits, preemption + recompute and chunked prefill keep it consistent for free.
 
 from __future__ import annotations
 
+import json
+import os
+
 import torch
 from vllm.forward_context import set_forward_context
 from vllm.logger import init_logger
@@ -63,6 +66,9 @@ class DSparkProposer(DFlashProposer):
         self.parallel_drafting_hidden_state_tensor = None
         self.dflash_causal = False  # the block attends to itself bidirectionally
         self.target_final_norm = None
+        self._runner = runner
+        # Debug/test knob: append every drafted block as a JSON line to this file.
+        self._trace_path = os.environ.get("VLLM_DSPARK_TRACE_FILE") or None
         # Per-round outputs kept for the scheduler and metrics.
         self.last_confidence: torch.Tensor | None = None
 
@@ -193,4 +199,18 @@ class DSparkProposer(DFlashProposer):
         )
         self._last_draft_probs = block.probs
         self.last_confidence = block.confidence
+        if self._trace_path:
+            self._trace(block, block_cad, gamma)
         return block.tokens
+
+    def _trace(self, block, block_cad, gamma: int) -> None:
+        b = block.tokens.shape[0]
+        req_ids = self._runner.input_batch.req_ids[:b] if self._runner is not None else [None] * b
+        anchor_pos = self.positions[: b * gamma : gamma].tolist()
+        conf = block.confidence.tolist() if block.confidence is not None else [None] * b
+        with open(self._trace_path, "a") as f:
+            for i in range(b):
+                f.write(json.dumps({"req": req_ids[i], "anchor_pos": anchor_pos[i],
+                                    "anchor": int(self.input_ids[i * gamma]),
+                                    "drafts": block.tokens[i].tolist(),
+                                    "confidence": conf[i]}) + "\n")

@@ -1,0 +1,61 @@
+"""Shared fixtures: tiny models built once per test session (no model hub needed)."""
+
+import os
+import sys
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(HERE, "engine"))
+
+from tiny_models import make_drafter, make_oracle_pair, make_target  # noqa: E402
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+
+def _has_vllm() -> bool:
+    try:
+        import vllm  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+requires_vllm = pytest.mark.skipif(not _has_vllm(), reason="vLLM is not installed")
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="session")
+def targets(models_dir):
+    return {fam: make_target(os.path.join(models_dir, fam), fam, seed=i)
+            for i, fam in enumerate(("qwen3", "llama"))}
+
+
+@pytest.fixture(scope="session")
+def drafter_factory(models_dir, targets):
+    made = {}
+
+    def make(family: str, head_type: str, **kw):
+        key = (family, head_type, tuple(sorted(kw.items())))
+        if key not in made:
+            path = os.path.join(models_dir, f"draft-{family}-{head_type}-{len(made)}")
+            make_drafter(targets[family], path, head_type=head_type, **kw)
+            made[key] = path
+        return made[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def oracle_pair(models_dir):
+    return make_oracle_pair(models_dir, "qwen3", corrupt_fraction=0.0)
+
+
+@pytest.fixture(scope="session")
+def corrupted_oracle_pair(models_dir):
+    return make_oracle_pair(models_dir, "qwen3", corrupt_fraction=0.35)

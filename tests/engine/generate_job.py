@@ -1,0 +1,60 @@
+"""Run one vLLM engine (CPU in CI) on a job and write what the tests compare.
+
+Usage: python generate_job.py job.json result.json
+
+Each engine gets its own process: vLLM engines spawn workers and hold global
+state, so the tests never build two in one interpreter.
+"""
+
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+
+def metrics_summary(llm) -> dict:
+    out = {}
+    for m in llm.get_metrics():
+        if m.name.startswith(("vllm:spec_decode", "vllm:num_preemptions", "vllm:prefix_cache")):
+            out[m.name] = getattr(m, "values", None) or getattr(m, "value", None)
+    return out
+
+
+def main() -> None:
+    job = json.load(open(sys.argv[1]))
+    if job.get("trace"):
+        os.environ["VLLM_DSPARK_TRACE_FILE"] = job["trace"]
+    from vllm import LLM, SamplingParams
+
+    kwargs = dict(
+        model=job["target"], enforce_eager=True, dtype="float32", max_model_len=512,
+        max_num_seqs=job.get("max_num_seqs", 8), disable_log_stats=False, seed=0,
+        skip_tokenizer_init=job.get("skip_tokenizer_init", False),
+    )
+    kwargs.update(job.get("llm_kwargs", {}))
+    if job.get("draft"):
+        spec = {"method": "dspark", "model": job["draft"],
+                "num_speculative_tokens": job["gamma"]}
+        spec.update(job.get("spec_extra", {}))
+        kwargs["speculative_config"] = spec
+    t0 = time.time()
+    llm = LLM(**kwargs)
+    startup = time.time() - t0
+    results = []
+    t1 = time.time()
+    for batch in job["batches"]:  # successive generate() calls (prefix-cache reuse)
+        prompts = [{"prompt_token_ids": p} if isinstance(p, list) else p
+                   for p in batch["prompts"]]
+        params = SamplingParams(**batch["sampling"])
+        for o in llm.generate(prompts, params, use_tqdm=False):
+            results.append({"request_id": o.request_id, "prompt_token_ids": o.prompt_token_ids,
+                            "outputs": [c.token_ids and list(c.token_ids) for c in o.outputs]})
+    elapsed = time.time() - t1
+    json.dump({"results": results, "metrics": metrics_summary(llm), "startup_s": startup,
+               "generate_s": elapsed}, open(sys.argv[2], "w"))
+
+
+if __name__ == "__main__":
+    main()
