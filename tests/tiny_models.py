@@ -144,7 +144,7 @@ def make_oracle_pair(
     ``corrupt_fraction`` of the rows get a shuffled table, so those transitions
     are drafted wrong and rejected.
     """
-    target = os.path.join(root, f"{family}-bigram-target")
+    target = os.path.join(root, f"{family}-bigram-target-s{scale:g}")
     if not os.path.isdir(target):
         make_target(target, family, seed=seed, scale=scale)
         from safetensors.torch import load_file, save_file
@@ -156,7 +156,7 @@ def make_oracle_pair(
                 state[name] = torch.zeros_like(state[name])
         save_file(state, weights_file, metadata={"format": "pt"})
     table = bigram_logits(target)
-    tag = f"{head_type}-c{corrupt_fraction:g}"
+    tag = f"{head_type}-c{corrupt_fraction:g}-s{scale:g}"
     draft = os.path.join(root, f"{family}-oracle-draft-{tag}")
     drafter = make_drafter(target, draft, head_type=head_type, markov_rank=VOCAB,
                            confidence=True, seed=seed + 1)
