@@ -1,0 +1,61 @@
+"""One test per patch in vllm_dspark/engine/patches.py (see engine/PATCHES.md)."""
+
+import pytest
+import torch
+
+from conftest import requires_vllm
+
+pytestmark = requires_vllm
+
+
+def test_apply_all_is_idempotent():
+    from vllm.config import VllmConfig
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    from vllm_dspark.engine import patches
+
+    patches.apply_all()
+    before = (VllmConfig._get_v1_model_runner_unsupported_features,
+              EngineArgs.create_speculative_config, GPUModelRunner.__init__)
+    patches._applied = False
+    patches.apply_all()
+    after = (VllmConfig._get_v1_model_runner_unsupported_features,
+             EngineArgs.create_speculative_config, GPUModelRunner.__init__)
+    assert before == after
+    assert all(getattr(f, "_dspark", False) for f in after)
+
+
+def test_draft_architecture_is_ours():
+    from vllm import ModelRegistry
+
+    from vllm_dspark.engine.patches import apply_all
+
+    apply_all()
+    cls = ModelRegistry._try_load_model_cls("Qwen3DSparkModel")
+    assert cls.__name__ == "DSparkForCausalLM"
+
+
+def test_expand_kernel_twin_writes_float_outputs():
+    """Upstream's CPU override wrote into an int64 copy; ours fills the real tensor."""
+    from vllm_dspark.engine.patches import _expand_kernel_impl
+
+    out = torch.full((6,), -7.0)
+    temps = torch.tensor([0.5, -1.0, 2.0])
+    _expand_kernel_impl(out, temps, torch.tensor([2, 3, 6], dtype=torch.int32), -1.0, 1.0)
+    assert out.tolist() == [0.5, 0.5, 1.0, 2.0, 2.0, 2.0]
+    ids = torch.zeros(4, dtype=torch.int32)
+    _expand_kernel_impl(ids, torch.tensor([3, 9]), torch.tensor([1, 4]), 0, 0)
+    assert ids.tolist() == [3, 9, 9, 9]
+
+
+def test_expand_kernel_is_replaced_on_cpu():
+    from vllm.platforms import current_platform
+    from vllm.utils import cpu_triton_utils
+
+    from vllm_dspark.engine.patches import _expand_kernel_impl, apply_all
+
+    if not current_platform.is_cpu():
+        pytest.skip("the fix applies to the CPU platform only")
+    apply_all()
+    assert cpu_triton_utils._expand_kernel_impl is _expand_kernel_impl
