@@ -112,7 +112,7 @@ def make_drafter(
     torch.manual_seed(seed)
     drafter = DSparkDrafter(DSparkConfig.from_dict(cfg))
     with torch.no_grad():
-        for name, p in drafter.named_parameters():
+        for p in drafter.parameters():
             if p.dim() == 2:
                 p.normal_(0, 0.1)
     save_drafter(drafter, path, cfg)

@@ -129,7 +129,8 @@ def check_weights(path: str, cfg: DSparkConfig) -> dict[str, tuple[int, ...]]:
             f"{cfg.enable_confidence_head}); the checkpoint is incomplete or the config "
             "does not match it."
         )
-    wrong = [f"{k}: {have[k]} != expected {want[k]}" for k in want if k in have and have[k] != want[k]]
+    wrong = [f"{k}: {have[k]} != expected {want[k]}"
+             for k in want if k in have and have[k] != want[k]]
     if wrong:
         raise DSparkConfigError(
             f"DSpark draft {path!r} has misshapen weights ({'; '.join(wrong[:4])}); "

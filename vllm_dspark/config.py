@@ -132,7 +132,9 @@ class DSparkConfig:
             with open(cfg_path) as f:
                 cfg = json.load(f)
         except json.JSONDecodeError as e:
-            raise DSparkConfigError(f"{cfg_path} is not valid JSON ({e}); fix or rewrite it.")
+            raise DSparkConfigError(
+                f"{cfg_path} is not valid JSON ({e}); fix or rewrite it."
+            ) from e
         return cls.from_dict(cfg, source=cfg_path)
 
     # ------------------------------------------------------------------ checks

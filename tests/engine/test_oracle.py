@@ -1,4 +1,4 @@
-"""The acceptance path exercised for real, with an oracle drafter (see tiny_models.make_oracle_pair).
+"""The acceptance path exercised for real, with an oracle drafter (tiny_models.make_oracle_pair).
 
 Random drafts are almost never accepted, so greedy equivalence alone would
 pass with a drafter that is never consulted. The oracle drafter proposes
