@@ -30,8 +30,11 @@ def main() -> None:
 
     from vllm import LLM, SamplingParams
 
+    # float32: on the CPU box, bf16 with the rank-384 oracle drafter killed the worker
+    # (SIGILL, under investigation; see README Limitations).
     llm = LLM(
         args.target, enforce_eager=True, max_model_len=1024, disable_log_stats=False,
+        dtype="float32",
         speculative_config={"method": "dspark", "model": args.draft,
                             "num_speculative_tokens": args.gamma,
                             "draft_sample_method": "probabilistic"},

@@ -36,13 +36,17 @@ class DSparkForCausalLM(Qwen3DSparkForCausalLM):
             )
         cfg = self.dspark
         # Replace upstream's vanilla-only heads with the engine-free modules.
-        self.model.markov_head = build_markov_head(
+        # Heads run in float32 whatever the model dtype: they are small next to the
+        # backbone, and the distribution q handed to the rejection sampler is then
+        # computed at full precision.
+        markov = build_markov_head(
             cfg.markov_head_type, vocab_size=cfg.vocab_size, rank=cfg.markov_rank,
             hidden_size=cfg.hidden_size,
         )
+        self.model.markov_head = markov.float() if markov is not None else None
         self.model.confidence_head = (
             ConfidenceHead(hidden_size=cfg.hidden_size, markov_rank=cfg.markov_rank,
-                           with_markov=cfg.confidence_head_with_markov)
+                           with_markov=cfg.confidence_head_with_markov).float()
             if cfg.enable_confidence_head else None
         )
 
