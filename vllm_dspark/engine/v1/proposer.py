@@ -200,10 +200,10 @@ class DSparkProposer(DFlashProposer):
         self._last_draft_probs = block.probs
         self.last_confidence = block.confidence
         if self._trace_path:
-            self._trace(block, block_cad, gamma)
+            self._trace(block, gamma)
         return block.tokens
 
-    def _trace(self, block, block_cad, gamma: int) -> None:
+    def _trace(self, block, gamma: int) -> None:
         b = block.tokens.shape[0]
         req_ids = self._runner.input_batch.req_ids[:b] if self._runner is not None else [None] * b
         anchor_pos = self.positions[: b * gamma : gamma].tolist()
