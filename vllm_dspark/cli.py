@@ -1,0 +1,40 @@
+"""``vllm-dspark``: the plugin's command line.
+
+Each subcommand lives in the module that does the work; that module exposes
+``add_arguments(parser)`` and ``run(args) -> int``. Imports are lazy so that
+``vllm-dspark --help`` does not import vLLM or torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+SUBCOMMANDS = {
+    "build-target": ("vllm_dspark.targets", "build a benchmark target model (HF dir) from GGUF"),
+    "train": ("vllm_dspark.train.cli", "train a DSpark drafter against a target"),
+    "eval": ("vllm_dspark.eval.acceptance", "measure acceptance (τ, per position) through vLLM"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="vllm-dspark", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    if argv and argv[0] in SUBCOMMANDS:  # import only the module that is asked for
+        names = [argv[0]]
+    else:
+        names = list(SUBCOMMANDS)
+    for name in SUBCOMMANDS:
+        mod_name, help_text = SUBCOMMANDS[name]
+        p = sub.add_parser(name, help=help_text)
+        if name in names and argv and argv[0] == name:
+            importlib.import_module(mod_name).add_arguments(p)
+    args = parser.parse_args(argv)
+    mod = importlib.import_module(SUBCOMMANDS[args.command][0])
+    return int(mod.run(args) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
