@@ -358,6 +358,10 @@ def _engine_main(job_path: str, out_path: str) -> int:
 
 def _run_engine(job: dict, *, upstream: bool, quiet: bool) -> dict:
     env = env_without_our_plugin() if upstream else dict(os.environ)
+    if not upstream:
+        # Our proposer runs on vLLM's V1 runner; on CUDA vLLM 0.32 would pick V2,
+        # where upstream's speculator drives the model instead.
+        env.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
     with tempfile.TemporaryDirectory(prefix="vllm-dspark-eval-") as tmp:
         job_path, out_path = os.path.join(tmp, "job.json"), os.path.join(tmp, "out.json")
         with open(job_path, "w") as f:
