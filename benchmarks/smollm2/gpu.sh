@@ -71,7 +71,7 @@ eval)
 eval-all)
   # Ours (V1 runner, this plugin), the ablation, and upstream vLLM's own DSpark
   # (V2 runner, plugin disabled) on the same drafter, side by side on one GPU.
-  m="--gpu-memory-utilization 0.25 --quiet"
+  m="--gpu-memory-utilization 0.25"
   bash $0 eval dspark-smollm2 ours $m > $P/ev_ours.log 2>&1 & a=$!
   sleep 5; bash $0 eval dflash-ablation ablation $m > $P/ev_abl.log 2>&1 & b=$!
   sleep 5; bash $0 eval dspark-smollm2 upstream --upstream $m > $P/ev_up.log 2>&1 & c=$!
