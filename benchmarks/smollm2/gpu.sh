@@ -4,10 +4,12 @@
 # machine stays warm. Run from the repository root; the kit parts, the GGUF
 # halves, the gguf wheel and the evaluation prompts travel in the ignored .gpu/.
 #
-#   bash benchmarks/smollm2/gpu.sh setup     # kit + project + target (≈ 1 min after parts)
-#   bash benchmarks/smollm2/gpu.sh data      # Magpie prompts + regenerated answers
-#   bash benchmarks/smollm2/gpu.sh train NAME STEPS [extra train args]
-#   bash benchmarks/smollm2/gpu.sh eval NAME [extra eval args]
+#   bash benchmarks/smollm2/gpu.sh setup         # kit + project + target (≈ 1 min after parts)
+#   bash benchmarks/smollm2/gpu.sh data          # Magpie prompts + regenerated answers (4.6 min)
+#   bash benchmarks/smollm2/gpu.sh data-carried  # or: the data of an earlier machine
+#   bash benchmarks/smollm2/gpu.sh pair-bg; bash benchmarks/smollm2/gpu.sh wait-pair
+#   bash benchmarks/smollm2/gpu.sh eval-all      # ours, ablation, upstream
+#   (train NAME STEPS [args] / eval NAME TAG [args] are the single steps)
 set -euo pipefail
 export PYTHONPATH=/tmp/site:${PYTHONPATH:-} VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONUNBUFFERED=1
 P=/tmp/pair
@@ -44,12 +46,12 @@ train)
     --max-len 1024 --lr 1e-3 --warmup 100 --seed 0 --steps "$steps" --save-every 500 "$@"
   ;;
 pair-bg)
-  # The committed pair: ours (vanilla Markov head, rank 32) and the DFlash-like
-  # ablation (markov_rank 0), same recipe, trained side by side on one GPU.
-  rec="--batch-size 32 --anchors 128 --lr 2e-3 --warmup 150"
-  setsid nohup bash $0 train dspark-smollm2 1300 $rec --markov-rank 32 --max-minutes 9.2 \
+  # The committed pair, exactly as trained (2026-11-22, H100): ours (vanilla Markov
+  # head, rank 32) and the DFlash-like ablation (markov_rank 0), same recipe, side
+  # by side on one GPU; both finished their 1000 steps in ~4 min.
+  setsid nohup bash $0 train dspark-smollm2 1000 --markov-rank 32 --max-minutes 8.4 \
     > $P/ours.log 2>&1 < /dev/null & echo $! > $P/ours.pid
-  setsid nohup bash $0 train dflash-ablation 1300 $rec --markov-rank 0 --max-minutes 9.2 \
+  setsid nohup bash $0 train dflash-ablation 1000 --markov-rank 0 --max-minutes 8.1 \
     > $P/abl.log 2>&1 < /dev/null & echo $! > $P/abl.pid
   ;;
 wait-pair)
@@ -69,14 +71,16 @@ eval)
     --max-tokens 256 --temperatures 0 1 --seed 0 --out $OUT/eval_$tag.json "$@"
   ;;
 eval-all)
-  # Ours (V1 runner, this plugin), the ablation, and upstream vLLM's own DSpark
-  # (V2 runner, plugin disabled) on the same drafter, side by side on one GPU.
-  m="--gpu-memory-utilization 0.25"
+  # As run for benchmarks/smollm2/results: ours (V1 runner, this plugin) and the
+  # ablation side by side, then upstream vLLM's own DSpark (V2 runner, plugin
+  # disabled) on our drafter alone (beside the other two its KV cache did not fit).
+  m="--gpu-memory-utilization 0.25 --num-prompts 24"
   bash $0 eval dspark-smollm2 ours $m > $P/ev_ours.log 2>&1 & a=$!
   sleep 5; bash $0 eval dflash-ablation ablation $m > $P/ev_abl.log 2>&1 & b=$!
-  sleep 5; bash $0 eval dspark-smollm2 upstream --upstream $m > $P/ev_up.log 2>&1 & c=$!
-  wait $a $b $c || true
-  tail -n 14 $P/ev_ours.log $P/ev_abl.log $P/ev_up.log
+  wait $a $b || true
+  bash $0 eval dspark-smollm2 upstream --upstream --gpu-memory-utilization 0.6 \
+    --num-prompts 24 > $P/ev_up.log 2>&1 || true
+  tail -n 12 $P/ev_ours.log $P/ev_abl.log $P/ev_up.log
   ;;
 *) echo "unknown step $1"; exit 2 ;;
 esac
