@@ -15,6 +15,8 @@ SUBCOMMANDS = {
     "build-target": ("vllm_dspark.targets", "build a benchmark target model (HF dir) from GGUF"),
     "train": ("vllm_dspark.train.cli", "train a DSpark drafter against a target"),
     "eval": ("vllm_dspark.eval.acceptance", "measure acceptance (τ, per position) through vLLM"),
+    "calibrate": ("vllm_dspark.calibrate.cli",
+                  "fit STS confidence temperatures (paper §3.2.1) on held-out prompts"),
 }
 
 

@@ -24,6 +24,7 @@ def metrics_summary(llm) -> dict:
 
 def main() -> None:
     job = json.load(open(sys.argv[1]))
+    os.environ.update(job.get("env", {}))  # plugin knobs, before vLLM is imported
     if job.get("trace"):
         os.environ["VLLM_DSPARK_TRACE_FILE"] = job["trace"]
     from vllm import LLM, SamplingParams

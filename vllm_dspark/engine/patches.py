@@ -25,6 +25,7 @@ def apply_all() -> None:
     allow_dspark_on_v1_runner()
     validate_draft_at_startup()
     install_v1_proposer()
+    install_verification_scheduler()
     fix_cpu_expand_kernel()
     _applied = True
 
@@ -78,6 +79,9 @@ def check_speculative_dict(spec: dict, target_model_config) -> None:
         source=f"DSpark draft {path!r}",
     )
     check_weights(path, cfg)
+    from vllm_dspark.engine.verify_schedule import read_settings
+
+    read_settings(cfg)  # VLLM_DSPARK_SCHEDULER / VLLM_DSPARK_SPS
 
 
 def validate_draft_at_startup() -> None:
@@ -122,6 +126,32 @@ def install_v1_proposer() -> None:
 
     patched._dspark = True
     GPUModelRunner.__init__ = patched
+
+
+def install_verification_scheduler() -> None:
+    """After the worker's warm-up (KV cache allocated, graphs compiled), give the DSpark
+    proposer its verification scheduler; profiling SPS needs the warmed-up runner."""
+    from vllm.v1.worker.cpu_worker import CPUWorker
+    from vllm.v1.worker.gpu_worker import Worker
+
+    for cls in (Worker, CPUWorker):
+        original = cls.__dict__["compile_or_warm_up_model"]
+        if getattr(original, "_dspark", False):
+            continue
+
+        def make(original):
+            @functools.wraps(original)
+            def patched(self, *args, **kwargs):
+                out = original(self, *args, **kwargs)
+                drafter = getattr(getattr(self, "model_runner", None), "drafter", None)
+                if hasattr(drafter, "attach_verification_scheduler"):
+                    drafter.attach_verification_scheduler()
+                return out
+
+            patched._dspark = True
+            return patched
+
+        cls.compile_or_warm_up_model = make(original)
 
 
 def _expand_kernel_impl(output, input_val, cu_num_tokens, replace_from, replace_to,

@@ -71,6 +71,14 @@ class DSparkProposer(DFlashProposer):
         self._trace_path = os.environ.get("VLLM_DSPARK_TRACE_FILE") or None
         # Per-round outputs kept for the scheduler and metrics.
         self.last_confidence: torch.Tensor | None = None
+        self.last_lengths: list[int] | None = None
+        # Set after warm-up (engine/patches.py: install_verification_scheduler).
+        self.verify_scheduler = None
+
+    def attach_verification_scheduler(self) -> None:
+        from vllm_dspark.engine import verify_schedule
+
+        self.verify_scheduler = verify_schedule.build(self._runner, self.dspark)
 
     def load_model(self, target_model) -> None:
         super().load_model(target_model)
@@ -199,6 +207,17 @@ class DSparkProposer(DFlashProposer):
         )
         self._last_draft_probs = block.probs
         self.last_confidence = block.confidence
+        self.last_lengths = None
+        sched = self.verify_scheduler
+        if sched is not None and sched.active and block.confidence is not None:
+            # Hand vLLM only the prefixes worth verifying; it then verifies (and
+            # its rejection sampler reads q for) exactly those tokens.
+            req_ids = self._runner.input_batch.req_ids[:b]
+            self.last_lengths = sched.lengths(req_ids, block.confidence)
+            if self._trace_path:
+                self._trace(block, gamma)
+            rows = block.tokens.tolist()
+            return [row[:n] for row, n in zip(rows, self.last_lengths)]
         if self._trace_path:
             self._trace(block, gamma)
         return block.tokens
@@ -208,9 +227,10 @@ class DSparkProposer(DFlashProposer):
         req_ids = self._runner.input_batch.req_ids[:b] if self._runner is not None else [None] * b
         anchor_pos = self.positions[: b * gamma : gamma].tolist()
         conf = block.confidence.tolist() if block.confidence is not None else [None] * b
+        lengths = self.last_lengths or [gamma] * b
         with open(self._trace_path, "a") as f:
             for i in range(b):
                 f.write(json.dumps({"req": req_ids[i], "anchor_pos": anchor_pos[i],
                                     "anchor": int(self.input_ids[i * gamma]),
                                     "drafts": block.tokens[i].tolist(),
-                                    "confidence": conf[i]}) + "\n")
+                                    "confidence": conf[i], "verify": lengths[i]}) + "\n")

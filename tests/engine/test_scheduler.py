@@ -1,0 +1,145 @@
+"""Confidence-scheduled verification through the engine (VLLM_DSPARK_SCHEDULER).
+
+Each mode must keep greedy output identical to the target's and sampled output
+distributed as the target's (the causal early stop of Algorithm 1 / §5.2's stale
+budget keep the choice of ℓ independent of the token being verified; the
+non-causal counterexample is measured in tests/schedule). vLLM's own counters show
+what was verified: num_draft_tokens / num_drafts is the mean ℓ per request per step.
+"""
+
+import glob
+import json
+import os
+import random
+
+import pytest
+import torch
+
+from conftest import requires_vllm
+from harness import acceptance, run_job, tokens
+from test_sampled import PROMPT, chi_square_p_value, transitions
+from tiny_models import bigram_logits, make_oracle_pair
+
+from vllm_dspark.config import DSparkConfig, DSparkConfigError
+from vllm_dspark.engine.verify_schedule import read_settings
+
+pytestmark = [requires_vllm, pytest.mark.engine]
+
+GAMMA = 4
+META = {"model": "tiny", "dtype": "float32", "device_name": "test", "vllm_version": "0.32.0"}
+
+
+def sps_table(path, k: float) -> str:
+    """SPS(B) = 100 / (1 + B/k), eager (time per step linear in B, interpolated).
+    With the tiny drafter's confidences (≈ 0.5), k = 16 admits about one draft token
+    per request, a flat table (k huge) admits all of them."""
+    b = [1, 512]
+    json.dump({"format": "vllm-dspark-sps/1", "batch_sizes": b,
+               "steps_per_s": [100 / (1 + x / k) for x in b], "meta": META}, open(path, "w"))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def greedy_baseline(corrupted_oracle_pair):
+    target, _ = corrupted_oracle_pair
+    rng = random.Random(0)
+    prompts = [[rng.randrange(3, 300) for _ in range(10)] for _ in range(8)]
+    sampling = {"temperature": 0.0, "max_tokens": 40, "ignore_eos": True}
+    res = run_job({"target": target, "batches": [{"prompts": prompts, "sampling": sampling}]})
+    return prompts, sampling, tokens(res)
+
+
+@pytest.mark.parametrize("mode,k,verified", [
+    ("causal", 16.0, "some"), ("async", 16.0, "some"), ("causal", 1e9, "all"),
+    ("fixed", 16.0, "all"),
+])
+def test_greedy_output_is_the_targets(corrupted_oracle_pair, greedy_baseline, tmp_path,
+                                      mode, k, verified):
+    target, draft = corrupted_oracle_pair
+    prompts, sampling, want = greedy_baseline
+    env = {"VLLM_DSPARK_SCHEDULER": mode, "VLLM_DSPARK_SPS": sps_table(tmp_path / "s.json", k)}
+    res = run_job({"target": target, "draft": draft, "gamma": GAMMA, "env": env,
+                   "batches": [{"prompts": prompts, "sampling": sampling}]})
+    assert tokens(res) == want
+    m = res["metrics"]
+    drafts, drafted = m["vllm:spec_decode_num_drafts"], m["vllm:spec_decode_num_draft_tokens"]
+    per_request = drafted / drafts
+    if verified == "all":
+        assert per_request == GAMMA
+    else:  # shortened, but not to nothing
+        assert 0.5 < per_request < GAMMA - 1, per_request
+        _, accepted, _ = acceptance(res)
+        assert accepted / drafted > 0.3  # the verified prefixes are the likely ones
+
+
+def test_sampled_output_follows_the_target_distribution(models_dir, tmp_path):
+    target, draft = make_oracle_pair(models_dir, "qwen3", corrupt_fraction=0.35, scale=4.0)
+    env = {"VLLM_DSPARK_SCHEDULER": "causal",
+           "VLLM_DSPARK_SPS": sps_table(tmp_path / "s.json", 16.0)}
+    n_seq, max_tokens = 1600, 8
+    res = run_job({"target": target, "draft": draft, "gamma": GAMMA, "env": env,
+                   "skip_tokenizer_init": True, "max_num_seqs": 64,
+                   "spec_extra": {"draft_sample_method": "probabilistic"},
+                   "batches": [{"prompts": [PROMPT] * (n_seq // 16),
+                                "sampling": {"max_tokens": max_tokens, "temperature": 1.0,
+                                             "n": 16, "ignore_eos": True}}]})
+    m = res["metrics"]
+    assert m["vllm:spec_decode_num_draft_tokens"] < GAMMA * m["vllm:spec_decode_num_drafts"]
+    pairs = transitions(res)
+    assert len(pairs) == n_seq * max_tokens
+    p = chi_square_p_value(pairs, torch.softmax(bigram_logits(target), -1))
+    assert p > 1e-3, p
+
+
+def test_profile_mode_measures_and_caches_sps(corrupted_oracle_pair, greedy_baseline,
+                                              tmp_path):
+    target, draft = corrupted_oracle_pair
+    prompts, sampling, want = greedy_baseline
+    env = {"VLLM_DSPARK_SCHEDULER": "causal", "VLLM_DSPARK_SPS": "profile",
+           "VLLM_DSPARK_CACHE": str(tmp_path)}
+    res = run_job({"target": target, "draft": draft, "gamma": GAMMA, "env": env,
+                   "batches": [{"prompts": prompts, "sampling": sampling}]})
+    assert tokens(res) == want
+    files = glob.glob(os.path.join(tmp_path, "sps", "*.json"))
+    assert len(files) == 1
+    from vllm_dspark.schedule.sps import SPSTable
+
+    table = SPSTable.load(files[0])
+    assert table.model == target and len(table.b) >= 2 and min(table.sps) > 0
+
+
+def _cfg(**kw):
+    base = {"architectures": ["Qwen3DSparkModel"], "model_type": "qwen3", "hidden_size": 8,
+            "num_hidden_layers": 1, "num_attention_heads": 1, "intermediate_size": 8,
+            "vocab_size": 16, "target_layer_ids": [0], "mask_token_id": 1, "block_size": 4,
+            "markov_rank": 2, "enable_confidence_head": True}
+    return DSparkConfig.from_dict({**base, **kw})
+
+
+def test_knobs(tmp_path):
+    assert read_settings(_cfg(), {}).mode == "causal"
+    assert read_settings(_cfg(enable_confidence_head=False), {}).mode == "fixed"
+    assert read_settings(_cfg(), {"VLLM_DSPARK_SCHEDULER": "Async"}).mode == "async"
+    with pytest.raises(DSparkConfigError, match="VLLM_DSPARK_SCHEDULER='greedy'.*causal"):
+        read_settings(_cfg(), {"VLLM_DSPARK_SCHEDULER": "greedy"})
+    with pytest.raises(DSparkConfigError, match="no confidence head"):
+        read_settings(_cfg(enable_confidence_head=False), {"VLLM_DSPARK_SCHEDULER": "causal"})
+    with pytest.raises(DSparkConfigError, match="no such file"):
+        read_settings(_cfg(), {"VLLM_DSPARK_SPS": str(tmp_path / "nope.json")})
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"format": "vllm-dspark-sps/1", "batch_sizes": [4, 2], '
+                   '"steps_per_s": [1, 2], "meta": {}}')
+    with pytest.raises(DSparkConfigError, match="SPS table"):
+        read_settings(_cfg(), {"VLLM_DSPARK_SPS": str(bad)})
+
+
+def test_bad_knob_fails_at_engine_startup(corrupted_oracle_pair, monkeypatch):
+    from vllm.engine.arg_utils import EngineArgs
+
+    target, draft = corrupted_oracle_pair
+    monkeypatch.setenv("VLLM_DSPARK_SCHEDULER", "sometimes")
+    args = EngineArgs(model=target, enforce_eager=True, max_model_len=256,
+                      speculative_config={"method": "dspark", "model": draft,
+                                          "num_speculative_tokens": GAMMA})
+    with pytest.raises(DSparkConfigError, match="sometimes"):
+        args.create_engine_config()

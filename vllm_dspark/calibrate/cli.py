@@ -1,0 +1,161 @@
+"""``vllm-dspark calibrate``: fit STS confidence temperatures for a DSpark draft.
+
+    vllm-dspark calibrate --target DIR --draft DIR --prompts FILE.jsonl [--num-prompts 64]
+        [--temperature 0] [--max-new-tokens 256] [--anchor-stride 1] [--device auto]
+        [--out-json report.json] [--plot reliability.png] [--dry-run]
+
+Drafts on held-out prompts in plain torch (``collect``), fits one temperature per
+position with Sequential Temperature Scaling (``sts``, paper §3.2.1), prints the
+per-position table and writes ``dspark_sts_temperatures`` into the draft's
+config.json (the previous file is kept as config.json.bak), which the engine
+applies to the confidence logits. ``--dry-run`` writes nothing into the draft.
+Use prompts the drafter was not trained on: the paper calibrates on a held-out set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+
+STS_KEY = "dspark_sts_temperatures"
+REPORT_NAME = "sts_calibration.json"
+PLOT_NAME = "sts_reliability.png"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", required=True, help="HF directory of the target model")
+    p.add_argument("--draft", required=True, help="DSpark draft directory (with a confidence "
+                   "head); its config.json receives the temperatures")
+    p.add_argument("--prompts", required=True, help="held-out prompt jsonl ({'turns': [...]})")
+    p.add_argument("--num-prompts", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="sampling temperature to calibrate for (0 = greedy verification)")
+    p.add_argument("--draft-sample-method", default="probabilistic",
+                   choices=["probabilistic", "greedy"],
+                   help="at T > 0: sample drafts and verify with q (probabilistic) or verify "
+                   "argmax drafts as one-hot q (greedy), as vLLM's knob of the same name")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--anchor-stride", type=int, default=1,
+                   help="draft a block at every N-th answer token")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto: bfloat16 on GPU, float32 on CPU")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--gen-batch-size", type=int, default=8)
+    p.add_argument("--n-bins", type=int, default=15, help="ECE bins")
+    p.add_argument("--min-blocks", type=int, default=100,
+                   help="refuse to fit on fewer drafted blocks")
+    p.add_argument("--out-json", default=None, help=f"report (default <draft>/{REPORT_NAME}; "
+                   "none with --dry-run)")
+    p.add_argument("--plot", default=None, help=f"reliability diagram PNG (default "
+                   f"<draft>/{PLOT_NAME}; none with --dry-run)")
+    p.add_argument("--save-outcomes", default=None, help="also save z, s, mask as .npz")
+    p.add_argument("--dry-run", action="store_true",
+                   help="fit and report, but leave the draft's config.json alone")
+
+
+def _check(args: argparse.Namespace):
+    from vllm_dspark.config import DSparkConfig, DSparkConfigError
+
+    if not os.path.isfile(os.path.join(args.target, "config.json")):
+        raise SystemExit(f"error: --target {args.target!r} is not a HF model directory "
+                         "(no config.json).")
+    try:
+        cfg = DSparkConfig.from_dir(args.draft)
+    except DSparkConfigError as e:
+        raise SystemExit(f"error: {e}") from e
+    if not cfg.enable_confidence_head:
+        raise SystemExit(f"error: cannot calibrate {args.draft!r}: it has no confidence head "
+                         "(enable_confidence_head is false in its config.json), so there are "
+                         "no confidences to scale. Train the draft with a confidence head.")
+    if not os.path.isfile(args.prompts):
+        raise SystemExit(f"error: --prompts {args.prompts!r} does not exist; pass a jsonl "
+                         "file with one {\"turns\": [\"...\"]} per line.")
+    for name in ("num_prompts", "max_new_tokens", "anchor_stride", "n_bins", "gen_batch_size"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 1.")
+    if args.temperature < 0:
+        raise SystemExit("error: --temperature must be >= 0.")
+    return cfg
+
+
+def write_temperatures(draft_dir: str, temperatures: list[float]) -> str:
+    """Set ``dspark_sts_temperatures`` in config.json: backup, then atomic replace."""
+    from vllm_dspark.config import DSparkConfig
+
+    path = os.path.join(draft_dir, "config.json")
+    with open(path) as f:
+        cfg = json.load(f)
+    cfg[STS_KEY] = [round(float(t), 6) for t in temperatures]
+    DSparkConfig.from_dict(cfg, source=path)  # never write a config the engine rejects
+    shutil.copy2(path, path + ".bak")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(cfg, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def run(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+
+    from vllm_dspark.calibrate.collect import collect
+    from vllm_dspark.calibrate.sts import fit_sts, format_table, reliability_diagram
+    from vllm_dspark.train.data import read_prompts
+
+    cfg = _check(args)
+    try:
+        prompts = read_prompts(args.prompts)[: args.num_prompts]
+    except (ValueError, json.JSONDecodeError) as e:
+        raise SystemExit(f"error: cannot read --prompts: {e}") from e
+    if not prompts:
+        raise SystemExit(f"error: --prompts {args.prompts!r} holds no prompts.")
+    t0 = time.time()
+    dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
+    outcomes = collect(
+        args.target, args.draft, prompts, temperature=args.temperature,
+        max_new_tokens=args.max_new_tokens, anchor_stride=args.anchor_stride,
+        device=args.device, dtype=dtype, seed=args.seed,
+        probabilistic=args.draft_sample_method == "probabilistic",
+        gen_batch_size=args.gen_batch_size, log=lambda m: print(m, file=sys.stderr))
+    n_blocks = int(outcomes.mask[:, 0].sum()) if outcomes.mask.size else 0
+    if n_blocks < args.min_blocks:
+        raise SystemExit(
+            f"error: too few outcomes to calibrate: {n_blocks} drafted blocks < --min-blocks "
+            f"{args.min_blocks}. Use more prompts (--num-prompts), longer answers "
+            "(--max-new-tokens) or a smaller --anchor-stride.")
+    temps, report = fit_sts(outcomes.z, outcomes.s, outcomes.mask, n_bins=args.n_bins)
+    print(format_table(report))
+    print(f"temperatures: {[round(t, 4) for t in temps]}   τ (measured, incl. bonus) "
+          f"{outcomes.tau():.3f}   {time.time() - t0:.0f}s")
+
+    written = None if args.dry_run else write_temperatures(args.draft, temps)
+    out_json = args.out_json or (None if args.dry_run else os.path.join(args.draft, REPORT_NAME))
+    plot = args.plot or (None if args.dry_run else os.path.join(args.draft, PLOT_NAME))
+    if plot:
+        reliability_diagram(outcomes.z, outcomes.s, outcomes.mask, temps, plot,
+                            n_bins=args.n_bins)
+    if args.save_outcomes:
+        np.savez_compressed(args.save_outcomes, z=outcomes.z, s=outcomes.s, mask=outcomes.mask)
+    if out_json:
+        full = dict(
+            command=" ".join(["vllm-dspark", "calibrate"] + sys.argv[2:]) if sys.argv else None,
+            target=args.target, draft=args.draft, prompts=args.prompts,
+            collection=outcomes.meta, blocks=n_blocks, tau=outcomes.tau(),
+            previous_temperatures=cfg.sts_temperatures, temperatures=temps,
+            config_written=written, plot=plot, seconds=round(time.time() - t0, 1), sts=report)
+        text = json.dumps(full, indent=1)  # serialise first: no half-written report
+        with open(out_json, "w") as f:
+            f.write(text)
+    if written:
+        print(f"wrote {STS_KEY} to {written} (backup: {written}.bak)")
+    else:
+        print("dry run: the draft's config.json is unchanged")
+    return 0

@@ -1,0 +1,163 @@
+"""Confidence-scheduled verification inside vLLM (paper §3.2.2, §5.2): knobs, SPS, lengths.
+
+Each step the proposer drafts γ tokens per request with confidences; this module
+turns them into per-request verification lengths ℓ_r (``vllm_dspark.schedule``)
+and the proposer hands vLLM's scheduler only those prefixes, so vLLM verifies
+Σ ℓ_r draft tokens instead of R·γ. vLLM's own spec-decode counters then export
+what was verified (``vllm:spec_decode_num_draft_tokens / num_drafts`` = verified
+draft tokens per request per step) and the acceptance rate.
+
+Knobs (read in every process; checked at start-up, before workers exist):
+
+- ``VLLM_DSPARK_SCHEDULER``: ``fixed`` (verify all γ), ``causal`` (Algorithm 1
+  with the causal early stop; the default when the draft has a confidence head)
+  or ``async`` (§5.2: budget from the confidences of two steps before).
+- ``VLLM_DSPARK_SPS``: a table written by ``vllm-dspark profile`` (JSON), or
+  ``profile`` (default): measure SPS(B) once after the engine's warm-up, cached
+  on disk per (model, dtype, device, vLLM version).
+
+Shortening drafts needs the drafts on the host before vLLM schedules them; with
+vLLM's async scheduling (GPU) the step's draft count is fixed, so the schedulers
+fall back to ``fixed`` there and say so once.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+
+from vllm_dspark.config import DSparkConfig, DSparkConfigError
+
+SCHEDULER_ENV = "VLLM_DSPARK_SCHEDULER"
+SPS_ENV = "VLLM_DSPARK_SPS"
+MODES = ("fixed", "causal", "async")
+
+
+@dataclass
+class Settings:
+    mode: str  # fixed | causal | async
+    sps: str  # "profile" or a table path
+    explicit: bool  # the user set VLLM_DSPARK_SCHEDULER
+
+
+def read_settings(cfg: DSparkConfig, environ=None) -> Settings:
+    """The knobs, checked against the draft: one DSparkConfigError per bad value."""
+    env = os.environ if environ is None else environ
+    raw = env.get(SCHEDULER_ENV, "").strip().lower()
+    if raw and raw not in MODES:
+        raise DSparkConfigError(
+            f"{SCHEDULER_ENV}={env.get(SCHEDULER_ENV)!r} is not a scheduler; use one of "
+            f"{', '.join(MODES)} (or unset it for the default, causal).")
+    mode = raw or ("causal" if cfg.enable_confidence_head else "fixed")
+    if mode != "fixed" and not cfg.enable_confidence_head:
+        raise DSparkConfigError(
+            f"{SCHEDULER_ENV}={mode} needs confidences, but this draft has no confidence "
+            "head (enable_confidence_head is false); use a draft trained with one, or set "
+            f"{SCHEDULER_ENV}=fixed.")
+    sps = env.get(SPS_ENV, "").strip() or "profile"
+    if mode != "fixed" and sps != "profile":
+        from vllm_dspark.schedule.sps import SPSTable
+
+        if not os.path.isfile(sps):
+            raise DSparkConfigError(
+                f"{SPS_ENV}={sps!r}: no such file; give a table written by "
+                "`vllm-dspark profile`, or 'profile' to measure one at start-up.")
+        SPSTable.load(sps)  # raises DSparkConfigError naming what is malformed
+    return Settings(mode=mode, sps=sps, explicit=bool(raw))
+
+
+class VerificationScheduler:
+    """Per-step ℓ_r for the proposer; keeps two steps of confidences for ``async``."""
+
+    def __init__(self, settings: Settings, sps=None):
+        self.settings = settings
+        self.mode = settings.mode
+        self.sps = sps
+        self._history: deque[dict[str, torch.Tensor]] = deque(maxlen=2)
+        # Diagnostics of the last decision (tests, logs).
+        self.last = None
+
+    @property
+    def active(self) -> bool:
+        return self.mode != "fixed" and self.sps is not None
+
+    def lengths(self, req_ids: list[str], confidence: torch.Tensor) -> list[int]:
+        from vllm_dspark.schedule.prefix import async_schedule, causal_schedule
+
+        c = confidence.float()
+        if self.mode == "causal":
+            sched = causal_schedule(c, self.sps)
+        else:
+            # §5.2: the budget comes from the step two back (requests then in the
+            # batch); before there is one, from the current confidences' shape
+            # with the budget of a full verification (no shortening yet).
+            old = self._history[0] if len(self._history) == 2 else None
+            self._history.append(dict(zip(req_ids, c.unbind(0))))
+            if old:
+                c_old = torch.stack(list(old.values()))
+                sched = async_schedule(c, c_old, self.sps)
+            else:
+                return [c.shape[1]] * c.shape[0]
+        self.last = sched
+        return sched.lengths.tolist()
+
+
+def profile_sps(runner) -> object:
+    """Measure SPS(B) with the runner's own dummy forward passes (after warm-up, so the
+    compiled graphs and CUDA-graph buckets are what serving uses), or reuse the cache."""
+    import vllm
+    from vllm.logger import init_logger
+
+    from vllm_dspark.schedule import sps as sps_mod
+
+    log = init_logger(__name__)
+    mc = runner.vllm_config.model_config
+    dev = runner.device
+    device_name = (torch.cuda.get_device_name(dev) if dev.type == "cuda"
+                   else f"cpu-{os.cpu_count()}")
+    key = dict(model=str(mc.model), dtype=str(mc.dtype), device_name=device_name,
+               vllm_version=vllm.__version__)
+    cached = sps_mod.load_cached(**key)
+    if cached is not None:
+        log.info("vllm-dspark: SPS profile from cache (%d sizes)", len(cached.b))
+        return cached
+    sc = runner.vllm_config.scheduler_config
+    gamma = runner.drafter.gamma
+    max_tokens = min(sc.max_num_batched_tokens, sc.max_num_seqs * (gamma + 1))
+    capture = runner.vllm_config.compilation_config.cudagraph_capture_sizes
+    grid = sps_mod.default_grid(max(max_tokens, 2), capture if dev.type == "cuda" else None)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else None
+    iters = 10 if dev.type == "cuda" else 3
+    table = sps_mod.measure(lambda b: runner._dummy_run(b, skip_eplb=True), grid,
+                            warmup=1 if dev.type != "cuda" else 3, iters=iters, sync=sync,
+                            max_capture_size=max(capture) if capture else None, **key)
+    path = sps_mod.store(table)
+    log.info("vllm-dspark: profiled SPS(B) at %d sizes -> %s", len(grid), path)
+    return table
+
+
+def build(runner, cfg: DSparkConfig) -> VerificationScheduler:
+    """The engine's scheduler, after warm-up (profiles SPS when asked to)."""
+    from vllm.logger import init_logger
+
+    settings = read_settings(cfg)
+    sched = VerificationScheduler(settings)
+    if settings.mode == "fixed":
+        return sched
+    if runner.vllm_config.scheduler_config.async_scheduling:
+        init_logger(__name__).warning(
+            "vllm-dspark: %s=%s needs per-request draft lengths, which vLLM's async "
+            "scheduling does not allow; verifying all γ drafts (pass async_scheduling="
+            "False to enable the scheduler).", SCHEDULER_ENV, settings.mode)
+        sched.mode = "fixed"
+        return sched
+    if settings.sps == "profile":
+        sched.sps = profile_sps(runner)
+    else:
+        from vllm_dspark.schedule.sps import SPSTable
+
+        sched.sps = SPSTable.load(settings.sps)
+    return sched
