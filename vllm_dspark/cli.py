@@ -17,6 +17,8 @@ SUBCOMMANDS = {
     "eval": ("vllm_dspark.eval.acceptance", "measure acceptance (τ, per position) through vLLM"),
     "calibrate": ("vllm_dspark.calibrate.cli",
                   "fit STS confidence temperatures (paper §3.2.1) on held-out prompts"),
+    "profile": ("vllm_dspark.schedule.profile_cli",
+                "measure the target's SPS(B) table for the verification scheduler"),
 }
 
 

@@ -59,3 +59,16 @@ def test_expand_kernel_is_replaced_on_cpu():
         pytest.skip("the fix applies to the CPU platform only")
     apply_all()
     assert cpu_triton_utils._expand_kernel_impl is _expand_kernel_impl
+
+
+def test_verification_scheduler_hook_is_installed_once():
+    from vllm.v1.worker.cpu_worker import CPUWorker
+    from vllm.v1.worker.gpu_worker import Worker
+
+    from vllm_dspark.engine.patches import install_verification_scheduler
+
+    install_verification_scheduler()
+    before = (Worker.compile_or_warm_up_model, CPUWorker.compile_or_warm_up_model)
+    install_verification_scheduler()
+    assert (Worker.compile_or_warm_up_model, CPUWorker.compile_or_warm_up_model) == before
+    assert all(getattr(f, "_dspark", False) for f in before)

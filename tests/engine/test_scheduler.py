@@ -143,3 +143,21 @@ def test_bad_knob_fails_at_engine_startup(corrupted_oracle_pair, monkeypatch):
                                           "num_speculative_tokens": GAMMA})
     with pytest.raises(DSparkConfigError, match="sometimes"):
         args.create_engine_config()
+
+
+def test_profile_cli_writes_a_table(corrupted_oracle_pair, tmp_path):
+    import subprocess
+    import sys
+
+    from vllm_dspark.schedule.sps import SPSTable
+
+    target, draft = corrupted_oracle_pair
+    out = tmp_path / "sps.json"
+    proc = subprocess.run([sys.executable, "-m", "vllm_dspark.cli", "profile", "--target",
+                           target, "--draft", draft, "--out", str(out), "--enforce-eager",
+                           "--gamma", "4",
+                           "--max-num-seqs", "8", "--max-model-len", "256"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = SPSTable.load(str(out))
+    assert table.b[-1] == 32 and "steps/s" in proc.stdout  # CPU: powers of two ≤ 8·(γ+1)

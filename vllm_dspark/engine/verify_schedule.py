@@ -128,12 +128,19 @@ def profile_sps(runner) -> object:
     gamma = runner.drafter.gamma
     max_tokens = min(sc.max_num_batched_tokens, sc.max_num_seqs * (gamma + 1))
     capture = runner.vllm_config.compilation_config.cudagraph_capture_sizes
-    grid = sps_mod.default_grid(max(max_tokens, 2), capture if dev.type == "cuda" else None)
-    sync = torch.cuda.synchronize if dev.type == "cuda" else None
-    iters = 10 if dev.type == "cuda" else 3
+    graphs = dev.type == "cuda" and bool(capture) and not runner.model_config.enforce_eager
+    if graphs:  # the captured sizes are the step function's breakpoints
+        grid = sps_mod.default_grid(max(max_tokens, 2), capture)
+        warmup, iters, sync = 3, 10, torch.cuda.synchronize
+    else:
+        # No graphs: time per step is smooth in B (interpolated, extrapolated past the
+        # table), so powers of two up to 256 suffice and keep CPU start-up short.
+        grid = [b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b <= max(max_tokens, 2)]
+        warmup, iters = 1, 2
+        sync = torch.cuda.synchronize if dev.type == "cuda" else None
     table = sps_mod.measure(lambda b: runner._dummy_run(b, skip_eplb=True), grid,
-                            warmup=1 if dev.type != "cuda" else 3, iters=iters, sync=sync,
-                            max_capture_size=max(capture) if capture else None, **key)
+                            warmup=warmup, iters=iters, sync=sync,
+                            max_capture_size=max(capture) if graphs else None, **key)
     path = sps_mod.store(table)
     log.info("vllm-dspark: profiled SPS(B) at %d sizes -> %s", len(grid), path)
     return table

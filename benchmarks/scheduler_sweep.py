@@ -1,0 +1,123 @@
+"""Concurrency sweep: no speculation vs fixed γ vs confidence-scheduled verification.
+
+    python benchmarks/scheduler_sweep.py --target T --draft D --prompts gsm8k.jsonl \
+        --concurrency 1 4 16 --out benchmarks/results/scheduler_sweep_cpu.json
+
+One engine per configuration (its own process): ``plain`` (no speculation),
+``fixed`` (VLLM_DSPARK_SCHEDULER=fixed, every step verifies γ drafts) and
+``causal`` (Algorithm 1 with the SPS table profiled at start-up). For each
+concurrency C, C chat prompts are submitted at once (greedy, ``--max-tokens``
+each) and we record output tokens/s, the mean number of draft tokens verified per
+request per step (vLLM's num_draft_tokens / num_drafts) and the acceptance rate,
+all from counter differences around that batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+
+ENGINE = r'''
+import json, os, sys, time
+job = json.load(open(sys.argv[1]))
+os.environ.update(job["env"])
+from vllm import LLM, SamplingParams
+
+def counters(llm):
+    m = {x.name: getattr(x, "value", None) for x in llm.get_metrics()}
+    return {k: m.get("vllm:spec_decode_" + k) or 0
+            for k in ("num_drafts", "num_draft_tokens", "num_accepted_tokens")}
+
+if __name__ == "__main__":
+    kw = dict(model=job["target"], dtype=job["dtype"], enforce_eager=job["eager"],
+              max_model_len=2048, max_num_seqs=max(job["concurrency"]),
+              disable_log_stats=False, seed=0)
+    if job["mode"] != "plain":
+        kw["speculative_config"] = {"method": "dspark", "model": job["draft"],
+                                    "num_speculative_tokens": job["gamma"]}
+    t0 = time.perf_counter(); llm = LLM(**kw); startup = time.perf_counter() - t0
+    params = SamplingParams(temperature=0.0, max_tokens=job["max_tokens"])
+    chats = [[{"role": "user", "content": p}] for p in job["prompts"]]
+    llm.chat(chats[:1], params, use_tqdm=False)  # warm-up
+    rows = []
+    for c in job["concurrency"]:
+        before = counters(llm)
+        t0 = time.perf_counter()
+        outs = llm.chat(chats[:c], params, use_tqdm=False)
+        dt = time.perf_counter() - t0
+        after = counters(llm)
+        d = {k: after[k] - before[k] for k in after}
+        n = sum(len(o.outputs[0].token_ids) for o in outs)
+        rows.append(dict(concurrency=c, tokens=n, seconds=dt, tokens_per_s=n / dt,
+                         verified_per_request_step=(d["num_draft_tokens"] / d["num_drafts"]
+                                                    if d["num_drafts"] else 0.0),
+                         acceptance_rate=(d["num_accepted_tokens"] / d["num_draft_tokens"]
+                                          if d["num_draft_tokens"] else None),
+                         steps_with_drafts=d["num_drafts"], **d))
+    json.dump({"startup_s": startup, "rows": rows}, open(sys.argv[2], "w"))
+'''
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--target", required=True)
+    ap.add_argument("--draft", required=True)
+    ap.add_argument("--prompts", required=True, help="jsonl with {'turns': [...]}")
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    ap.add_argument("--modes", nargs="+", default=["plain", "fixed", "causal"])
+    ap.add_argument("--gamma", type=int, default=7)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--sps", default="profile", help="VLLM_DSPARK_SPS for causal/async")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+    import torch
+
+    from vllm_dspark.train.data import read_prompts
+
+    prompts = read_prompts(args.prompts)[: max(args.concurrency)]
+    on_gpu = torch.cuda.is_available()
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        script = os.path.join(tmp, "engine.py")
+        open(script, "w").write(ENGINE)
+        for mode in args.modes:
+            env = {"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_USE_V2_MODEL_RUNNER": "0"}
+            if mode != "plain":
+                env.update(VLLM_DSPARK_SCHEDULER=mode, VLLM_DSPARK_SPS=args.sps)
+            job = dict(target=args.target, draft=args.draft, mode=mode, env=env,
+                       gamma=args.gamma, prompts=prompts, concurrency=args.concurrency,
+                       max_tokens=args.max_tokens, dtype="auto" if on_gpu else "float32",
+                       eager=not on_gpu)
+            jp, op = os.path.join(tmp, "job.json"), os.path.join(tmp, f"{mode}.json")
+            json.dump(job, open(jp, "w"))
+            t0 = time.time()
+            subprocess.run([sys.executable, script, jp, op], check=True,
+                           env=dict(os.environ, **env))
+            results[mode] = json.load(open(op))
+            print(f"{mode}: done in {time.time() - t0:.0f}s", file=sys.stderr)
+    out = dict(command=" ".join([sys.executable] + sys.argv), target=args.target,
+               draft=args.draft, gamma=args.gamma, max_tokens=args.max_tokens,
+               machine=dict(platform=platform.platform(), cpus=os.cpu_count(),
+                            device=torch.cuda.get_device_name() if on_gpu else "cpu"),
+               results=results)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    json.dump(out, open(args.out, "w"), indent=1)
+    print(f"{'C':>4} " + " ".join(f"{m + ' tok/s':>14}" for m in args.modes)
+          + "   verified/req/step (fixed, causal)")
+    for i, c in enumerate(args.concurrency):
+        row = [results[m]["rows"][i] for m in args.modes]
+        ver = [f"{r['verified_per_request_step']:.2f}" for m, r in zip(args.modes, row)
+               if m != "plain"]
+        print(f"{c:>4} " + " ".join(f"{r['tokens_per_s']:14.1f}" for r in row) + "   "
+              + ", ".join(ver))
+
+
+if __name__ == "__main__":
+    main()
