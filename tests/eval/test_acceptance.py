@@ -22,7 +22,6 @@ from vllm_dspark.eval.acceptance import (
     EvalError,
     acceptance_metrics,
     aggregate_request_metrics,
-    available_datasets,
     diff_counters,
     env_without_our_plugin,
     first_user_turn,
@@ -108,16 +107,6 @@ def test_load_prompts_takes_the_first_n(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [{"turns": [f"q{i}", "later"]} for i in range(5)])
     assert load_prompts(path, 3) == ["q0", "q1", "q2"]
     assert len(load_prompts(path, 80)) == 5
-
-
-def test_reference_prompt_files_load():
-    ref = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "reference",
-                       "prompts")
-    if not os.path.isdir(ref):
-        pytest.skip("no shared reference prompts on this machine")
-    for name in available_datasets(ref):
-        prompts = load_prompts(resolve_dataset(name, ref)[1], 80)
-        assert prompts and all(isinstance(p, str) and p for p in prompts)
 
 
 def test_dataset_names_resolve_in_the_prompt_dir(tmp_path, monkeypatch):
