@@ -79,7 +79,8 @@ def main() -> None:
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
     import torch
 
-    from vllm_dspark.train.data import read_prompts
+    from vllm_dspark.engine.launch import engine_dtype, engine_env
+    from vllm_dspark.prompts import read_prompts
 
     prompts = read_prompts(args.prompts)[: max(args.concurrency)]
     on_gpu = torch.cuda.is_available()
@@ -88,12 +89,12 @@ def main() -> None:
         script = os.path.join(tmp, "engine.py")
         open(script, "w").write(ENGINE)
         for mode in args.modes:
-            env = {"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_USE_V2_MODEL_RUNNER": "0"}
+            env = engine_env({"VLLM_CPU_KVCACHE_SPACE": "2"})
             if mode != "plain":
                 env.update(VLLM_DSPARK_SCHEDULER=mode, VLLM_DSPARK_SPS=args.sps)
             job = dict(target=args.target, draft=args.draft, mode=mode, env=env,
                        gamma=args.gamma, prompts=prompts, concurrency=args.concurrency,
-                       max_tokens=args.max_tokens, dtype="auto" if on_gpu else "float32",
+                       max_tokens=args.max_tokens, dtype=engine_dtype("auto"),
                        eager=not on_gpu)
             jp, op = os.path.join(tmp, "job.json"), os.path.join(tmp, f"{mode}.json")
             json.dump(job, open(jp, "w"))

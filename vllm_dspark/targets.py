@@ -358,14 +358,11 @@ def _write_json(path: str, obj) -> None:
 # --------------------------------------------------------------------------- SmolLM2
 
 
-def default_cache_root() -> str:
-    return os.environ.get("VLLM_DSPARK_CACHE") or os.path.join(
-        os.path.expanduser("~"), ".cache", "vllm-dspark")
-
-
 def default_smollm2_dir() -> str:
     """``$VLLM_DSPARK_CACHE/smollm2-135m-instruct`` (default ``~/.cache/vllm-dspark/...``)."""
-    return os.path.join(default_cache_root(), SMOLLM2_DIRNAME)
+    from vllm_dspark import cache_root
+
+    return os.path.join(cache_root(), SMOLLM2_DIRNAME)
 
 
 def _sha256(path: str) -> str:

@@ -19,7 +19,7 @@ from vllm_dspark.calibrate.sts import auroc, cumulative_survival, ece, fit_sts
 from vllm_dspark.cli import main as cli_main
 from vllm_dspark.config import DSparkConfig
 from vllm_dspark.decode.draft import sample_block
-from vllm_dspark.train.data import chat_prompt_ids
+from vllm_dspark.prompts import chat_prompt_ids
 
 WORDS = "the cat dog runs fast slow red blue green add sum code print list".split()
 

@@ -24,10 +24,10 @@ from vllm_dspark.eval.acceptance import (
     aggregate_request_metrics,
     diff_counters,
     env_without_our_plugin,
-    first_user_turn,
     load_prompts,
     resolve_dataset,
 )
+from vllm_dspark.prompts import first_user_turn
 
 CLI = [sys.executable, "-m", "vllm_dspark.cli", "eval"]
 

@@ -108,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
 
     from vllm_dspark.calibrate.collect import collect
     from vllm_dspark.calibrate.sts import fit_sts, format_table, reliability_diagram
-    from vllm_dspark.train.data import read_prompts
+    from vllm_dspark.prompts import read_prompts
 
     cfg = _check(args)
     try:

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from vllm_dspark.decode.draft import sample_block
-from vllm_dspark.model.drafter import DSparkDrafter
+from vllm_dspark.model.drafter import DSparkDrafter, target_features
 from vllm_dspark.train.blocks import build_blocks
 
 ANCHOR_CHUNK = 64  # anchors drafted/verified per pass: bounds the [A·γ, V] logits
@@ -112,8 +112,7 @@ def collect_sequence(target, drafter: DSparkDrafter, ids: torch.Tensor, prompt_l
     if anchors_all.numel() == 0:
         return empty, empty, empty.bool()
     out = target(input_ids=ids[None], output_hidden_states=True, use_cache=True)
-    hs = out.hidden_states  # hs[i+1] = output of layer i (the last one normed), hs[0] = embeds
-    feats = torch.cat([hs[i + 1] for i in cfg.target_layer_ids], dim=-1).to(drafter.fc.weight)
+    feats = target_features(out.hidden_states, cfg.target_layer_ids).to(drafter.fc.weight)
     ctx = drafter.context(feats)
     cache = out.past_key_values
     stops = torch.tensor(list(stop_ids), dtype=torch.long, device=dev)
@@ -227,7 +226,7 @@ def collect(target_dir: str, draft_dir: str, prompts: list[str], *, temperature:
             gen_batch_size: int = 8, gamma: int | None = None, log=None) -> Outcomes:
     """Outcomes of drafting at every ``anchor_stride``-th continuation token of each
     prompt's answer (chat template, generation prompt), verified at ``temperature``."""
-    from vllm_dspark.train.data import chat_prompt_ids
+    from vllm_dspark.prompts import chat_prompt_ids
 
     dev = resolve_device(device)
     tok, target, drafter = load_pair(target_dir, draft_dir, dev, dtype)

@@ -40,7 +40,7 @@ MODES = ("fixed", "causal", "async")
 class Settings:
     mode: str  # fixed | causal | async
     sps: str  # "profile" or a table path
-    explicit: bool  # the user set VLLM_DSPARK_SCHEDULER
+    table: object = None  # the loaded SPSTable when ``sps`` is a path
 
 
 def read_settings(cfg: DSparkConfig, environ=None) -> Settings:
@@ -58,6 +58,7 @@ def read_settings(cfg: DSparkConfig, environ=None) -> Settings:
             "head (enable_confidence_head is false); use a draft trained with one, or set "
             f"{SCHEDULER_ENV}=fixed.")
     sps = env.get(SPS_ENV, "").strip() or "profile"
+    table = None
     if mode != "fixed" and sps != "profile":
         from vllm_dspark.schedule.sps import SPSTable
 
@@ -65,8 +66,8 @@ def read_settings(cfg: DSparkConfig, environ=None) -> Settings:
             raise DSparkConfigError(
                 f"{SPS_ENV}={sps!r}: no such file; give a table written by "
                 "`vllm-dspark profile`, or 'profile' to measure one at start-up.")
-        SPSTable.load(sps)  # raises DSparkConfigError naming what is malformed
-    return Settings(mode=mode, sps=sps, explicit=bool(raw))
+        table = SPSTable.load(sps)  # raises DSparkConfigError naming what is malformed
+    return Settings(mode=mode, sps=sps, table=table)
 
 
 class VerificationScheduler:
@@ -76,32 +77,26 @@ class VerificationScheduler:
         self.settings = settings
         self.mode = settings.mode
         self.sps = sps
-        self._history: deque[dict[str, torch.Tensor]] = deque(maxlen=2)
-        # Diagnostics of the last decision (tests, logs).
-        self.last = None
+        self._history: deque[torch.Tensor] = deque(maxlen=2)  # confidences, [R, γ] per step
 
     @property
     def active(self) -> bool:
         return self.mode != "fixed" and self.sps is not None
 
-    def lengths(self, req_ids: list[str], confidence: torch.Tensor) -> list[int]:
+    def lengths(self, confidence: torch.Tensor) -> list[int]:
         from vllm_dspark.schedule.prefix import async_schedule, causal_schedule
 
         c = confidence.float()
         if self.mode == "causal":
             sched = causal_schedule(c, self.sps)
         else:
-            # §5.2: the budget comes from the step two back (requests then in the
-            # batch); before there is one, from the current confidences' shape
-            # with the budget of a full verification (no shortening yet).
+            # §5.2: the budget comes from the confidences of the step two back (the
+            # requests then in the batch); until there is one, verify everything.
             old = self._history[0] if len(self._history) == 2 else None
-            self._history.append(dict(zip(req_ids, c.unbind(0))))
-            if old:
-                c_old = torch.stack(list(old.values()))
-                sched = async_schedule(c, c_old, self.sps)
-            else:
+            self._history.append(c)
+            if old is None:
                 return [c.shape[1]] * c.shape[0]
-        self.last = sched
+            sched = async_schedule(c, old, self.sps)
         return sched.lengths.tolist()
 
 
@@ -161,10 +156,5 @@ def build(runner, cfg: DSparkConfig) -> VerificationScheduler:
             "False to enable the scheduler).", SCHEDULER_ENV, settings.mode)
         sched.mode = "fixed"
         return sched
-    if settings.sps == "profile":
-        sched.sps = profile_sps(runner)
-    else:
-        from vllm_dspark.schedule.sps import SPSTable
-
-        sched.sps = SPSTable.load(settings.sps)
+    sched.sps = settings.table if settings.table is not None else profile_sps(runner)
     return sched

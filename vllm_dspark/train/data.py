@@ -25,6 +25,8 @@ import random
 import sys
 import time
 
+from vllm_dspark.prompts import chat_prompt_ids, read_prompts
+
 SENTINEL = "\u0001DSPARK_USER_TURN\u0001"
 
 # Topic hints for Magpie pre-queries (the paper's data mix is chat/math/code heavy).
@@ -37,27 +39,6 @@ MAGPIE_TOPICS = (
     ("chat", "The user asks for advice or an explanation."),
     ("writing", "The user asks you to write a short text, email or story."),
 )
-
-
-def read_prompts(path: str) -> list[str]:
-    """First user turn of every line of a jsonl file."""
-    prompts = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            if isinstance(row.get("turns"), list) and row["turns"]:
-                text = row["turns"][0]
-            elif isinstance(row.get("prompt"), str):
-                text = row["prompt"]
-            else:
-                raise ValueError(
-                    f"{path}:{n}: expected a 'turns' list or a 'prompt' string; "
-                    "write prompts as {\"turns\": [\"...\"]} per line."
-                )
-            prompts.append(str(text))
-    return prompts
 
 
 def excluded_prompts(directory: str | None) -> set[str]:
@@ -80,15 +61,6 @@ def magpie_prefix(tokenizer, system: str | None) -> str:
         raise ValueError("the target's chat template drops the user message; "
                          "pass --prompts with a prompt file instead of Magpie prompts.")
     return text[: text.index(SENTINEL)]
-
-
-def chat_prompt_ids(tokenizer, user_text: str) -> list[int]:
-    ids = tokenizer.apply_chat_template(
-        [{"role": "user", "content": user_text}], tokenize=True, add_generation_prompt=True
-    )
-    if isinstance(ids, dict) or hasattr(ids, "keys"):  # transformers 5 may return a BatchEncoding
-        ids = ids["input_ids"]
-    return list(ids)
 
 
 def generate(args: argparse.Namespace) -> None:

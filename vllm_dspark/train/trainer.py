@@ -28,7 +28,8 @@ import torch
 
 from vllm_dspark.checkpoint import build_draft_config, save_drafter
 from vllm_dspark.config import DSparkConfig
-from vllm_dspark.model.drafter import DSparkDrafter
+from vllm_dspark.model.drafter import DSparkDrafter, target_features
+from vllm_dspark.prompts import token_ids
 from vllm_dspark.train.blocks import build_blocks, sample_anchors
 from vllm_dspark.train.data import load_rows
 from vllm_dspark.train.objective import LossWeights, block_loss, expected_greedy_tau
@@ -87,11 +88,9 @@ def choose_mask_token(tokenizer) -> int:
     vocab = tokenizer.get_vocab()
     if "<|mask|>" in vocab:
         return vocab["<|mask|>"]
-    chat = tokenizer.apply_chat_template(
+    chat = token_ids(tokenizer.apply_chat_template(
         [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
-         {"role": "assistant", "content": "a"}], tokenize=True)
-    if hasattr(chat, "keys"):
-        chat = chat["input_ids"]
+         {"role": "assistant", "content": "a"}], tokenize=True))
     used = set(chat) | {tokenizer.bos_token_id, tokenizer.eos_token_id,
                         tokenizer.pad_token_id, tokenizer.unk_token_id}
     specials = sorted(i for i in tokenizer.all_special_ids if i not in used)
@@ -201,8 +200,7 @@ class Trainer:
         ids = ids.to(dev)
         with torch.no_grad():
             out = self.target(input_ids=ids, output_hidden_states=True)
-            hs = out.hidden_states  # hs[i+1] = output of layer i (the last one normed)
-            feats = torch.cat([hs[i + 1] for i in self.drafter.cfg.target_layer_ids], dim=-1)
+            feats = target_features(out.hidden_states, self.drafter.cfg.target_layer_ids)
         blocks = build_blocks(anchors, anchor_valid, ids, lengths, cfg.gamma,
                               self.drafter.cfg.mask_token_id)
         b, a, gamma = blocks.label_pos.shape

@@ -207,19 +207,15 @@ class DSparkProposer(DFlashProposer):
         )
         self._last_draft_probs = block.probs
         self.last_confidence = block.confidence
-        self.last_lengths = None
         sched = self.verify_scheduler
-        if sched is not None and sched.active and block.confidence is not None:
-            # Hand vLLM only the prefixes worth verifying; it then verifies (and
-            # its rejection sampler reads q for) exactly those tokens.
-            req_ids = self._runner.input_batch.req_ids[:b]
-            self.last_lengths = sched.lengths(req_ids, block.confidence)
-            if self._trace_path:
-                self._trace(block, gamma)
-            rows = block.tokens.tolist()
-            return [row[:n] for row, n in zip(rows, self.last_lengths)]
+        scheduled = sched is not None and sched.active and block.confidence is not None
+        self.last_lengths = sched.lengths(block.confidence) if scheduled else None
         if self._trace_path:
             self._trace(block, gamma)
+        if scheduled:
+            # Hand vLLM only the prefixes worth verifying; it then verifies (and
+            # its rejection sampler reads q for) exactly those tokens.
+            return [row[:n] for row, n in zip(block.tokens.tolist(), self.last_lengths)]
         return block.tokens
 
     def _trace(self, block, gamma: int) -> None:
