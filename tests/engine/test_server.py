@@ -39,7 +39,9 @@ class Server:
                "--max-num-seqs", "16"]
         if spec:
             cmd += ["--speculative-config", json.dumps(spec)]
-        env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
+        # Full-γ verification: "drafting really happened" must not hinge on a
+        # machine-timed SPS profile (the default causal scheduler may verify none).
+        env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_DSPARK_SCHEDULER="fixed")
         self.log = open(log_path, "w")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env,
                                      start_new_session=True)

@@ -319,6 +319,8 @@ def _engine_main(job_path: str, out_path: str) -> int:
 
 def _run_engine(job: dict, *, upstream: bool, quiet: bool) -> dict:
     env = env_without_our_plugin() if upstream else engine_env()
+    # The paper's acceptance protocol verifies every drafted token (no scheduler).
+    env["VLLM_DSPARK_SCHEDULER"] = "fixed"
     with tempfile.TemporaryDirectory(prefix="vllm-dspark-eval-") as tmp:
         job_path, out_path = os.path.join(tmp, "job.json"), os.path.join(tmp, "out.json")
         with open(job_path, "w") as f:
