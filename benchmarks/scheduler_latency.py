@@ -5,7 +5,10 @@
 The scheduler runs every decode step on the critical path (Algorithm 1) or beside it
 (§5.2), so its cost must stay far below a target step. Times ``causal_schedule`` and
 ``async_schedule`` on CPU and, when available, CUDA (synchronised after each call, so
-the CUDA number includes launch latency). Confidences are uniform in (0.3, 1); the SPS
+the CUDA number includes launch latency), and on CUDA the Triton kernels
+(``schedule/triton_prefix.py``): plainly launched, and as the engine runs them —
+one CUDA-graph replay with the confidences copied in and the lengths copied to the host
+(``.tolist()``, needed before vLLM schedules the drafts). Confidences are uniform in (0.3, 1); the SPS
 curve is flat to 384 tokens and drops to 2/3 past it, so the causal path stops part way
 (128 of 1792 candidates); ``async_schedule`` walks the whole path (no early stop).
 """
@@ -39,6 +42,38 @@ def time_calls(fn, n, sync):
     return statistics.median(ts) * 1e6
 
 
+def time_triton(cn, co, table, calls, sync, want):
+    """The Triton kernel: per plain launch, and per CUDA-graph replay (GraphedDecider,
+    the engine's path); ``*_to_host`` includes copying the lengths to a host list."""
+    from vllm_dspark.schedule import triton_prefix as tp
+
+    r, gamma = cn.shape
+    dense = tp.dense_sps_for(table, r * (gamma + 1), cn.device)
+    got, _ = tp.prefix_lengths(cn, dense, tp.CAUSAL)
+    assert got.tolist() == want.lengths.tolist(), "kernel disagrees with causal_schedule"
+    row = {
+        "triton_launch_causal": time_calls(lambda: tp.prefix_lengths(cn, dense, tp.CAUSAL),
+                                           calls, sync),
+        "triton_launch_causal_to_host": time_calls(
+            lambda: tp.prefix_lengths(cn, dense, tp.CAUSAL)[0].tolist(), calls, sync),
+        "triton_version": __import__("triton").__version__,
+    }
+    k = int(tp.prefix_lengths(co, dense, tp.CAPACITY)[1][0])
+    causal = tp.GraphedDecider(table, gamma, r, cn.device, tp.CAUSAL)
+    capacity = tp.GraphedDecider(table, gamma, r, cn.device, tp.CAPACITY)
+    topk = tp.GraphedDecider(table, gamma, r, cn.device, tp.TOPK)
+    assert causal.decide(cn) == want.lengths.tolist(), "graphed kernels disagree"
+    assert sum(topk.decide(cn, budget=k)) == min(k, r * gamma)
+    row["graphed_causal_to_host"] = time_calls(lambda: causal.decide(cn), calls, sync)
+    row["graphed_topk_to_host"] = time_calls(lambda: topk.decide(cn, budget=k), calls, sync)
+    # §5.2 on the critical path: K from the old confidences, then the current top-K
+    row["graphed_async_to_host"] = time_calls(
+        lambda: topk.decide(cn, budget=sum(capacity.decide(co))), calls, sync)
+    graph = causal._graph(r)
+    row["graph_replay_only"] = time_calls(graph.replay, calls, sync)
+    return row
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -70,7 +105,9 @@ def main():
         }
         if dev == "cuda":
             row["device_name"] = torch.cuda.get_device_name()
+            row.update(time_triton(cn, co, table, args.calls, sync, s))
         results["median_us"][dev] = row
+        print({k: v for k, v in row.items() if "triton" in k})
         print(f"{dev}: causal_schedule {row['causal_schedule']:.1f} µs, "
               f"async_schedule {row['async_schedule']:.1f} µs "
               f"(admitted {row['causal_admitted']} of {args.requests * args.gamma})")

@@ -4,12 +4,15 @@
         --concurrency 1 4 16 --out benchmarks/results/scheduler_sweep_cpu.json
 
 One engine per configuration (its own process): ``plain`` (no speculation),
-``fixed`` (VLLM_DSPARK_SCHEDULER=fixed, every step verifies γ drafts) and
-``causal`` (Algorithm 1 with the SPS table profiled at start-up). For each
+``fixed`` (VLLM_DSPARK_SCHEDULER=fixed, every step verifies γ drafts), ``causal``
+(the default: Algorithm 1 on the SPS table profiled at start-up plus the measured
+drafting time, with the draft gate), ``causal-paper`` (Algorithm 1 verbatim:
+VLLM_DSPARK_DRAFT_COST=0, always draft) and ``async`` (§5.2). For each
 concurrency C, C chat prompts are submitted at once (greedy, ``--max-tokens``
 each) and we record output tokens/s, the mean number of draft tokens verified per
-request per step (vLLM's num_draft_tokens / num_drafts) and the acceptance rate,
-all from counter differences around that batch.
+request per step (vLLM's num_draft_tokens / num_drafts, which counts steps that
+verified nothing too: engine/patches.py) and the acceptance rate, all from
+counter differences around that batch. ``--repeats`` runs each batch n times.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ if __name__ == "__main__":
     chats = [[{"role": "user", "content": p}] for p in job["prompts"]]
     llm.chat(chats[:1], params, use_tqdm=False)  # warm-up
     rows = []
-    for c in job["concurrency"]:
+    for c in [c for c in job["concurrency"] for _ in range(job["repeats"])]:
         before = counters(llm)
         t0 = time.perf_counter()
         outs = llm.chat(chats[:c], params, use_tqdm=False)
@@ -64,13 +67,24 @@ if __name__ == "__main__":
 '''
 
 
+MODE_ENV = {
+    "plain": None,
+    "fixed": {"VLLM_DSPARK_SCHEDULER": "fixed"},
+    "causal": {"VLLM_DSPARK_SCHEDULER": "causal"},
+    "causal-paper": {"VLLM_DSPARK_SCHEDULER": "causal", "VLLM_DSPARK_DRAFT_COST": "0"},
+    "async": {"VLLM_DSPARK_SCHEDULER": "async"},
+}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--target", required=True)
     ap.add_argument("--draft", required=True)
     ap.add_argument("--prompts", required=True, help="jsonl with {'turns': [...]}")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
-    ap.add_argument("--modes", nargs="+", default=["plain", "fixed", "causal"])
+    ap.add_argument("--modes", nargs="+", default=["plain", "fixed", "causal"],
+                    choices=sorted(MODE_ENV))
+    ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--gamma", type=int, default=7)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--sps", default="profile", help="VLLM_DSPARK_SPS for causal/async")
@@ -90,10 +104,11 @@ def main() -> None:
         open(script, "w").write(ENGINE)
         for mode in args.modes:
             env = engine_env({"VLLM_CPU_KVCACHE_SPACE": "2"})
-            if mode != "plain":
-                env.update(VLLM_DSPARK_SCHEDULER=mode, VLLM_DSPARK_SPS=args.sps)
+            if MODE_ENV[mode] is not None:
+                env.update(MODE_ENV[mode], VLLM_DSPARK_SPS=args.sps)
             job = dict(target=args.target, draft=args.draft, mode=mode, env=env,
                        gamma=args.gamma, prompts=prompts, concurrency=args.concurrency,
+                       repeats=args.repeats,
                        max_tokens=args.max_tokens, dtype=engine_dtype("auto"),
                        eager=not on_gpu)
             jp, op = os.path.join(tmp, "job.json"), os.path.join(tmp, f"{mode}.json")
@@ -110,13 +125,14 @@ def main() -> None:
                results=results)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     json.dump(out, open(args.out, "w"), indent=1)
-    print(f"{'C':>4} " + " ".join(f"{m + ' tok/s':>14}" for m in args.modes)
-          + "   verified/req/step (fixed, causal)")
-    for i, c in enumerate(args.concurrency):
-        row = [results[m]["rows"][i] for m in args.modes]
-        ver = [f"{r['verified_per_request_step']:.2f}" for m, r in zip(args.modes, row)
-               if m != "plain"]
-        print(f"{c:>4} " + " ".join(f"{r['tokens_per_s']:14.1f}" for r in row) + "   "
+    print(f"{'C':>4} " + " ".join(f"{m + ' tok/s':>18}" for m in args.modes)
+          + "   verified/req/step")
+    for c in args.concurrency:
+        rows = {m: [r for r in results[m]["rows"] if r["concurrency"] == c] for m in args.modes}
+        tps = {m: sorted(r["tokens_per_s"] for r in rs) for m, rs in rows.items()}
+        ver = [f"{sum(r['verified_per_request_step'] for r in rs) / len(rs):.2f}"
+               for m, rs in rows.items() if m != "plain"]
+        print(f"{c:>4} " + " ".join(f"{v[len(v) // 2]:18.1f}" for v in tps.values()) + "   "
               + ", ".join(ver))
 
 

@@ -72,3 +72,26 @@ def test_verification_scheduler_hook_is_installed_once():
     install_verification_scheduler()
     assert (Worker.compile_or_warm_up_model, CPUWorker.compile_or_warm_up_model) == before
     assert all(getattr(f, "_dspark", False) for f in before)
+
+
+def test_decode_steps_without_drafts_are_counted():
+    """count_unverified_decode_steps: which requests ran a decode step with ℓ_r = 0.
+    (End to end: tests/engine/test_scheduler.py checks num_drafts == decode steps.)"""
+    from types import SimpleNamespace as NS
+
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    from vllm_dspark.engine import patches
+
+    patches.count_unverified_decode_steps()
+    assert getattr(Scheduler.update_from_output, "_dspark", False)
+    reqs = {
+        "decode-no-draft": NS(num_output_tokens=5, num_computed_tokens=15, num_tokens=15),
+        "decode-drafted": NS(num_output_tokens=5, num_computed_tokens=18, num_tokens=15),
+        "prefill-last-token": NS(num_output_tokens=0, num_computed_tokens=10, num_tokens=10),
+        "prefill-chunk": NS(num_output_tokens=0, num_computed_tokens=8, num_tokens=10),
+    }
+    out = NS(num_scheduled_tokens={"decode-no-draft": 1, "decode-drafted": 4,
+                                   "prefill-last-token": 1, "prefill-chunk": 8},
+             scheduled_spec_decode_tokens={"decode-drafted": [1, 2, 3]})
+    assert patches._decode_steps_without_drafts(NS(requests=reqs), out) == 1

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from conftest import requires_vllm
-from harness import acceptance, run_job, tokens
+from harness import acceptance, read_trace, run_job, tokens
 from test_sampled import PROMPT, chi_square_p_value, transitions
 from tiny_models import bigram_logits, make_oracle_pair
 
@@ -57,7 +57,8 @@ def test_greedy_output_is_the_targets(corrupted_oracle_pair, greedy_baseline, tm
                                       mode, k, verified):
     target, draft = corrupted_oracle_pair
     prompts, sampling, want = greedy_baseline
-    env = {"VLLM_DSPARK_SCHEDULER": mode, "VLLM_DSPARK_SPS": sps_table(tmp_path / "s.json", k)}
+    env = {"VLLM_DSPARK_SCHEDULER": mode, "VLLM_DSPARK_SPS": sps_table(tmp_path / "s.json", k),
+           "VLLM_DSPARK_DRAFT_COST": "0"}
     res = run_job({"target": target, "draft": draft, "gamma": GAMMA, "env": env,
                    "batches": [{"prompts": prompts, "sampling": sampling}]})
     assert tokens(res) == want
@@ -75,7 +76,7 @@ def test_greedy_output_is_the_targets(corrupted_oracle_pair, greedy_baseline, tm
 @pytest.mark.parametrize("mode", ["causal", "async", "fixed"])
 def test_sampled_output_follows_the_target_distribution(models_dir, tmp_path, mode):
     target, draft = make_oracle_pair(models_dir, "qwen3", corrupt_fraction=0.35, scale=4.0)
-    env = {"VLLM_DSPARK_SCHEDULER": mode,
+    env = {"VLLM_DSPARK_SCHEDULER": mode, "VLLM_DSPARK_DRAFT_COST": "0",
            "VLLM_DSPARK_SPS": sps_table(tmp_path / "s.json", 16.0)}
     n_seq, max_tokens = 1600, 8
     res = run_job({"target": target, "draft": draft, "gamma": GAMMA, "env": env,
@@ -133,6 +134,50 @@ def test_knobs(tmp_path):
                    '"steps_per_s": [1, 2], "meta": {}}')
     with pytest.raises(DSparkConfigError, match="SPS table"):
         read_settings(_cfg(), {"VLLM_DSPARK_SPS": str(bad)})
+    assert read_settings(_cfg(), {}).draft_cost is None  # measure
+    assert read_settings(_cfg(), {"VLLM_DSPARK_DRAFT_COST": "measure"}).draft_cost is None
+    assert read_settings(_cfg(), {"VLLM_DSPARK_DRAFT_COST": "0.004"}).draft_cost == 0.004
+    for bad_cost in ("fast", "-1", "inf", "nan"):
+        with pytest.raises(DSparkConfigError, match=f"VLLM_DSPARK_DRAFT_COST='{bad_cost}'"):
+            read_settings(_cfg(), {"VLLM_DSPARK_DRAFT_COST": bad_cost})
+
+
+def test_gate_skips_drafting_that_cannot_pay_and_metrics_count_every_step(
+        corrupted_oracle_pair, greedy_baseline, tmp_path):
+    """A drafting time of 1 s against a 10 ms target step: after the first drafted step
+    (which gives the gate its survival curves) the gate skips the drafter, except one
+    probe every 32 skipped steps. Output stays the target's; vLLM's num_drafts counts
+    every decode step of every request, drafted or not (patches.count_unverified_...)."""
+    target, draft = corrupted_oracle_pair
+    prompts, sampling, want = greedy_baseline
+    trace = tmp_path / "trace.jsonl"
+    env = {"VLLM_DSPARK_SCHEDULER": "causal", "VLLM_DSPARK_DRAFT_COST": "1.0",
+           "VLLM_DSPARK_SPS": sps_table(tmp_path / "s.json", 16.0)}
+    res = run_job({"target": target, "draft": draft, "gamma": GAMMA, "env": env,
+                   "trace": str(trace), "batches": [{"prompts": prompts, "sampling": sampling}]})
+    assert tokens(res) == want
+    lines = len(read_trace(str(trace)))  # one line per request per drafted step
+    assert len(prompts) <= lines <= 3 * len(prompts), lines  # the first step + ≤ 2 probes
+    m = res["metrics"]
+    drafts = m["vllm:spec_decode_num_drafts"]
+    _, accepted, _ = acceptance(res)
+    # Each request emits 1 token at prefill, then 1 + accepted per decode step; accepted
+    # tokens past max_tokens are counted but cut, so the steps lie between these bounds.
+    # (vLLM alone would count only the ≤ 3 drafted steps per request.)
+    most = len(prompts) * (sampling["max_tokens"] - 1)
+    assert most - accepted <= drafts <= most, (drafts, most, accepted)
+
+
+def test_zero_drafting_cost_drafts_every_step(corrupted_oracle_pair, greedy_baseline, tmp_path):
+    target, draft = corrupted_oracle_pair
+    prompts, sampling, want = greedy_baseline
+    env = {"VLLM_DSPARK_SCHEDULER": "causal", "VLLM_DSPARK_DRAFT_COST": "1e-6",
+           "VLLM_DSPARK_SPS": sps_table(tmp_path / "s.json", 1e9)}
+    res = run_job({"target": target, "draft": draft, "gamma": GAMMA, "env": env,
+                   "batches": [{"prompts": prompts, "sampling": sampling}]})
+    assert tokens(res) == want
+    m = res["metrics"]  # a flat SPS and (almost) free drafting: every step verifies all γ
+    assert m["vllm:spec_decode_num_draft_tokens"] == GAMMA * m["vllm:spec_decode_num_drafts"]
 
 
 def test_bad_knob_fails_at_engine_startup(corrupted_oracle_pair, monkeypatch):

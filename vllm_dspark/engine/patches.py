@@ -26,6 +26,7 @@ def apply_all() -> None:
     validate_draft_at_startup()
     install_v1_proposer()
     install_verification_scheduler()
+    count_unverified_decode_steps()
     fix_cpu_expand_kernel()
     _applied = True
 
@@ -152,6 +153,55 @@ def install_verification_scheduler() -> None:
             return patched
 
         cls.compile_or_warm_up_model = make(original)
+
+
+def _decode_steps_without_drafts(scheduler, scheduler_output) -> int:
+    """Requests that ran a decode step this round with no draft to verify (ℓ_r = 0)."""
+    spec = scheduler_output.scheduled_spec_decode_tokens
+    n = 0
+    for req_id, num in scheduler_output.num_scheduled_tokens.items():
+        req = scheduler.requests.get(req_id)
+        # A decode step: one token, the request's last sampled one (num_computed_tokens
+        # was advanced at scheduling); a 1-token prefill chunk has no output yet.
+        if (num == 1 and not spec.get(req_id) and req is not None
+                and req.num_output_tokens > 0 and req.num_computed_tokens == req.num_tokens):
+            n += 1
+    return n
+
+
+def count_unverified_decode_steps() -> None:
+    """vLLM counts a "draft" only when a request verifies ≥ 1 draft token, so with
+    per-request lengths num_draft_tokens / num_drafts would overstate what each request
+    verifies per step. Count the zero-length ones too (dspark only): then
+    ``vllm:spec_decode_num_draft_tokens / vllm:spec_decode_num_drafts`` is the verified
+    draft tokens per request per step, and vLLM's "mean acceptance length" is the
+    tokens per request per step."""
+    from vllm.v1.core.sched.scheduler import Scheduler
+    from vllm.v1.spec_decode.metrics import SpecDecodingStats
+
+    original = Scheduler.update_from_output
+    if getattr(original, "_dspark", False):
+        return
+
+    @functools.wraps(original)
+    def patched(self, scheduler_output, model_runner_output):
+        spec = self.vllm_config.speculative_config
+        zero = 0
+        if self.log_stats and spec is not None and spec.method == "dspark":
+            zero = _decode_steps_without_drafts(self, scheduler_output)
+        outputs = original(self, scheduler_output, model_runner_output)
+        if zero:
+            eco = next((o for o in outputs.values() if o.scheduler_stats is not None), None)
+            if eco is None:
+                return outputs  # vLLM made no stats this step
+            stats = eco.scheduler_stats
+            if stats.spec_decoding_stats is None:
+                stats.spec_decoding_stats = SpecDecodingStats.new(self.num_spec_tokens)
+            stats.spec_decoding_stats.num_drafts += zero
+        return outputs
+
+    patched._dspark = True
+    Scheduler.update_from_output = patched
 
 
 def _expand_kernel_impl(output, input_val, cu_num_tokens, replace_from, replace_to,

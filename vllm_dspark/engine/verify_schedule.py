@@ -15,6 +15,13 @@ Knobs (read in every process; checked at start-up, before workers exist):
 - ``VLLM_DSPARK_SPS``: a table written by ``vllm-dspark profile`` (JSON), or
   ``profile`` (default): measure SPS(B) once after the engine's warm-up, cached
   on disk per (model, dtype, device, vLLM version).
+- ``VLLM_DSPARK_DRAFT_COST``: ``measure`` (default): the measured drafting time per
+  step is added to every step's time in Θ and gates drafting (``schedule/gate.py``:
+  no drafting when it cannot pay, e.g. under heavy load); ``0``: the paper's
+  Algorithm 1 verbatim (target-only SPS, always draft); a number of seconds: that
+  fixed drafting time (reproducible decisions, e.g. in tests).
+
+On a GPU the decision is one CUDA-graphed Triton kernel (``schedule/triton_prefix``).
 
 Shortening drafts needs the drafts on the host before vLLM schedules them; with
 vLLM's async scheduling (GPU) the step's draft count is fixed, so the schedulers
@@ -33,6 +40,7 @@ from vllm_dspark.config import DSparkConfig, DSparkConfigError
 
 SCHEDULER_ENV = "VLLM_DSPARK_SCHEDULER"
 SPS_ENV = "VLLM_DSPARK_SPS"
+DRAFT_COST_ENV = "VLLM_DSPARK_DRAFT_COST"
 MODES = ("fixed", "causal", "async")
 
 
@@ -41,6 +49,7 @@ class Settings:
     mode: str  # fixed | causal | async
     sps: str  # "profile" or a table path
     table: object = None  # the loaded SPSTable when ``sps`` is a path
+    draft_cost: float | None = None  # fixed drafting seconds per step; None = measure
 
 
 def read_settings(cfg: DSparkConfig, environ=None) -> Settings:
@@ -67,37 +76,113 @@ def read_settings(cfg: DSparkConfig, environ=None) -> Settings:
                 f"{SPS_ENV}={sps!r}: no such file; give a table written by "
                 "`vllm-dspark profile`, or 'profile' to measure one at start-up.")
         table = SPSTable.load(sps)  # raises DSparkConfigError naming what is malformed
-    return Settings(mode=mode, sps=sps, table=table)
+    return Settings(mode=mode, sps=sps, table=table, draft_cost=_draft_cost(env))
+
+
+def _draft_cost(env) -> float | None:
+    raw = env.get(DRAFT_COST_ENV, "").strip().lower()
+    if raw in ("", "measure"):
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not value >= 0 or value == float("inf"):
+        raise DSparkConfigError(
+            f"{DRAFT_COST_ENV}={env.get(DRAFT_COST_ENV)!r} is not 'measure' or a finite number "
+            "of seconds ≥ 0; use 'measure' (default), 0 (ignore drafting time: the paper's "
+            "Algorithm 1), or e.g. 0.004.")
+    return value
 
 
 class VerificationScheduler:
-    """Per-step ℓ_r for the proposer; keeps two steps of confidences for ``async``."""
+    """Per-step ℓ_r for the proposer; keeps two steps of confidences for ``async``,
+    the drafting time d(R) and the draft gate (``schedule/gate.py``)."""
 
     def __init__(self, settings: Settings, sps=None):
+        from vllm_dspark.schedule.gate import DraftCost
+
         self.settings = settings
         self.mode = settings.mode
-        self.sps = sps
+        self.sps = None
+        self.cost = DraftCost(fixed=settings.draft_cost)
+        self.gate = None
+        self._deciders: dict = {}  # GPU: one CUDA-graphed kernel per stopping rule
         self._history: deque[torch.Tensor] = deque(maxlen=2)  # confidences, [R, γ] per step
+        if sps is not None:
+            self.set_sps(sps)
+
+    def set_sps(self, sps) -> None:
+        from vllm_dspark.schedule.gate import DraftGate
+
+        self.sps = sps
+        # "0" is the paper's Algorithm 1 verbatim: no drafting term, always draft
+        self.gate = None if self.settings.draft_cost == 0 else DraftGate(sps, self.cost)
 
     @property
     def active(self) -> bool:
         return self.mode != "fixed" and self.sps is not None
 
+    def should_draft(self, requests: int) -> bool:
+        return self.gate is None or self.gate.should_draft(requests)
+
+    def observe(self, requests: int, seconds: float, confidence: torch.Tensor) -> None:
+        """After a drafted step: its drafting time and its (calibrated) survival curves."""
+        self.cost.observe(requests, seconds)
+        if self.gate is not None:
+            self.gate.observe(torch.cumprod(confidence.float().clamp(0, 1), dim=1))
+
     def lengths(self, confidence: torch.Tensor) -> list[int]:
         from vllm_dspark.schedule.prefix import async_schedule, causal_schedule
 
         c = confidence.float()
-        if self.mode == "causal":
-            sched = causal_schedule(c, self.sps)
-        else:
+        r, gamma = c.shape
+        d = (self.cost.seconds(r) or 0.0) if self.gate is not None else 0.0
+        if self.mode == "async":
             # §5.2: the budget comes from the confidences of the step two back (the
             # requests then in the batch); until there is one, verify everything.
             old = self._history[0] if len(self._history) == 2 else None
             self._history.append(c)
             if old is None:
-                return [c.shape[1]] * c.shape[0]
-            sched = async_schedule(c, old, self.sps)
+                return [gamma] * r
+        decider = self._decider(c.device, gamma)
+        if decider is not None:
+            from vllm_dspark.schedule import triton_prefix as tp
+
+            if self.mode == "causal":
+                return decider[tp.CAUSAL].decide(c, extra_seconds=d)
+            budget = sum(decider[tp.CAPACITY].decide(old, extra_seconds=d))
+            return decider[tp.TOPK].decide(c, budget=budget)
+        sps = self.sps if d == 0 else _with_drafting(self.sps, d)
+        sched = causal_schedule(c, sps) if self.mode == "causal" else async_schedule(c, old, sps)
         return sched.lengths.tolist()
+
+    def _decider(self, device: torch.device, gamma: int):
+        """The CUDA-graphed Triton kernels on a GPU (~40× faster than the torch path
+        there, benchmarks/README.md); None on CPU, where torch is faster."""
+        if device.type != "cuda":
+            return None
+        if device not in self._deciders:
+            from vllm_dspark.schedule import triton_prefix as tp
+
+            n = self.max_requests
+            if not (tp.available(device) and tp.fits(n, gamma)):
+                self._deciders[device] = None
+            else:
+                self._deciders[device] = {
+                    m: tp.GraphedDecider(self.sps, gamma, n, device, m)
+                    for m in ((tp.CAUSAL,) if self.mode == "causal" else (tp.CAPACITY, tp.TOPK))}
+        return self._deciders[device]
+
+    max_requests = 256  # set from max_num_seqs by ``build``
+
+
+def _with_drafting(sps, d: float):
+    """SPS of a round whose target step is preceded by ``d`` seconds of drafting."""
+    from vllm_dspark.schedule.prefix import _sps_fn
+
+    fn = _sps_fn(sps)
+    return lambda b: 1.0 / (1.0 / fn(b).to(torch.float64) + d)
 
 
 def profile_sps(runner) -> object:
@@ -156,5 +241,6 @@ def build(runner, cfg: DSparkConfig) -> VerificationScheduler:
             "False to enable the scheduler).", SCHEDULER_ENV, settings.mode)
         sched.mode = "fixed"
         return sched
-    sched.sps = settings.table if settings.table is not None else profile_sps(runner)
+    sched.max_requests = runner.vllm_config.scheduler_config.max_num_seqs
+    sched.set_sps(settings.table if settings.table is not None else profile_sps(runner))
     return sched

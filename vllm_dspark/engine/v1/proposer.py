@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import torch
 from vllm.forward_context import set_forward_context
@@ -181,6 +182,16 @@ class DSparkProposer(DFlashProposer):
         )
         if gamma == 0:  # nothing to draft; the context cache is in sync
             return torch.empty(b, 0, dtype=torch.int64, device=self.device)
+        sched = self.verify_scheduler
+        scheduled = sched is not None and sched.active and self.model.confidence_head is not None
+        if scheduled and not sched.should_draft(b):
+            # Drafting cannot pay at this load (schedule/gate.py): verify nothing. The
+            # context K/V above are stored, so the next drafted step sees all of it.
+            self.last_lengths = [0] * b
+            return [[] for _ in range(b)]
+        if scheduled and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # time the drafting alone
+        t_draft = time.perf_counter()
 
         n = b * gamma
         _, per_layer = self.build_per_group_and_layer_attn_metadata(block_cad)
@@ -207,9 +218,9 @@ class DSparkProposer(DFlashProposer):
         )
         self._last_draft_probs = block.probs
         self.last_confidence = block.confidence
-        sched = self.verify_scheduler
-        scheduled = sched is not None and sched.active and block.confidence is not None
         self.last_lengths = sched.lengths(block.confidence) if scheduled else None
+        if scheduled:  # .tolist() in lengths() synchronised: the time is the drafting's
+            sched.observe(b, time.perf_counter() - t_draft, block.confidence)
         if self._trace_path:
             self._trace(block, gamma)
         if scheduled:
