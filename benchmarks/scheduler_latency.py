@@ -6,11 +6,12 @@ The scheduler runs every decode step on the critical path (Algorithm 1) or besid
 (§5.2), so its cost must stay far below a target step. Times ``causal_schedule`` and
 ``async_schedule`` on CPU and, when available, CUDA (synchronised after each call, so
 the CUDA number includes launch latency), and on CUDA the Triton kernels
-(``schedule/triton_prefix.py``): plainly launched, and as the engine runs them —
+(``schedule/triton_prefix.py``): plainly launched, and as the engine runs them:
 one CUDA-graph replay with the confidences copied in and the lengths copied to the host
-(``.tolist()``, needed before vLLM schedules the drafts). Confidences are uniform in (0.3, 1); the SPS
-curve is flat to 384 tokens and drops to 2/3 past it, so the causal path stops part way
-(128 of 1792 candidates); ``async_schedule`` walks the whole path (no early stop).
+(``.tolist()``, needed before vLLM schedules the drafts). Confidences are uniform in
+(0.3, 1); the SPS curve is flat to 384 tokens and drops to 2/3 past it, so the causal
+path stops part way (128 of 1792 candidates); ``async_schedule`` walks the whole path
+(no early stop).
 """
 
 import argparse

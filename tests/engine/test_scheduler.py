@@ -134,7 +134,7 @@ def test_knobs(tmp_path):
                    '"steps_per_s": [1, 2], "meta": {}}')
     with pytest.raises(DSparkConfigError, match="SPS table"):
         read_settings(_cfg(), {"VLLM_DSPARK_SPS": str(bad)})
-    assert read_settings(_cfg(), {}).draft_cost is None  # measure
+    assert read_settings(_cfg(), {}).draft_cost == 0.0  # the paper's Algorithm 1
     assert read_settings(_cfg(), {"VLLM_DSPARK_DRAFT_COST": "measure"}).draft_cost is None
     assert read_settings(_cfg(), {"VLLM_DSPARK_DRAFT_COST": "0.004"}).draft_cost == 0.004
     for bad_cost in ("fast", "-1", "inf", "nan"):

@@ -14,17 +14,20 @@ def survival(values, rows):
     return torch.tensor([values] * rows, dtype=torch.float64)
 
 
-def test_draft_cost_fixed_ema_and_nearest():
+def test_draft_cost_fixed_recent_minimum_and_nearest():
     fixed = DraftCost(fixed=0.003)
     fixed.observe(4, 1.0)
     assert fixed.seconds(4) == fixed.seconds(100) == 0.003
-    cost = DraftCost(smoothing=0.5)
+    cost = DraftCost(window=3)
     assert cost.seconds(4) is None  # nothing measured yet
-    cost.observe(4, 0.010)
-    cost.observe(4, 0.020)
-    assert cost.seconds(4) == pytest.approx(0.015)  # EMA
+    for t in (0.500, 0.012, 0.010, 0.020):  # a warm-up spike first
+        cost.observe(4, t)
+    assert cost.seconds(4) == 0.010  # minimum of the last 3
+    for t in (0.030, 0.030, 0.030):
+        cost.observe(4, t)
+    assert cost.seconds(4) == 0.030  # older ones forgotten
     cost.observe(16, 0.040)
-    assert cost.seconds(6) == pytest.approx(0.015) and cost.seconds(12) == 0.040  # nearest R
+    assert cost.seconds(6) == 0.030 and cost.seconds(12) == 0.040  # nearest R
 
 
 def test_unknown_curves_or_cost_mean_draft():

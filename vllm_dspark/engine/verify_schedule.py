@@ -15,10 +15,10 @@ Knobs (read in every process; checked at start-up, before workers exist):
 - ``VLLM_DSPARK_SPS``: a table written by ``vllm-dspark profile`` (JSON), or
   ``profile`` (default): measure SPS(B) once after the engine's warm-up, cached
   on disk per (model, dtype, device, vLLM version).
-- ``VLLM_DSPARK_DRAFT_COST``: ``measure`` (default): the measured drafting time per
-  step is added to every step's time in Θ and gates drafting (``schedule/gate.py``:
-  no drafting when it cannot pay, e.g. under heavy load); ``0``: the paper's
-  Algorithm 1 verbatim (target-only SPS, always draft); a number of seconds: that
+- ``VLLM_DSPARK_DRAFT_COST``: ``0`` (default): the paper's Algorithm 1 verbatim
+  (target-only SPS, always draft); ``measure``: the measured drafting time per step is
+  added to every step's time in Θ and gates drafting (``schedule/gate.py``: no
+  drafting when it cannot pay, e.g. under heavy load); a number of seconds: that
   fixed drafting time (reproducible decisions, e.g. in tests).
 
 On a GPU the decision is one CUDA-graphed Triton kernel (``schedule/triton_prefix``).
@@ -81,7 +81,9 @@ def read_settings(cfg: DSparkConfig, environ=None) -> Settings:
 
 def _draft_cost(env) -> float | None:
     raw = env.get(DRAFT_COST_ENV, "").strip().lower()
-    if raw in ("", "measure"):
+    if raw == "":
+        return 0.0  # default: the paper's Algorithm 1 (see benchmarks/README.md for why)
+    if raw == "measure":
         return None
     try:
         value = float(raw)

@@ -26,31 +26,33 @@ from vllm_dspark.schedule.prefix import SPSLike, _sps_fn
 
 
 class DraftCost:
-    """Drafting seconds per step as a function of the request count R: an exponential
-    moving average per R, or a fixed value (``fixed``, for tests and known setups).
-    An unmeasured R borrows the nearest measured R's time; if that is wrong the gate
-    errs for a step or two until the R has been measured."""
+    """Drafting seconds per step as a function of the request count R: the minimum of
+    the last ``window`` measurements per R (the first calls of a fresh engine and CPU
+    contention only ever add time, and a mean of them made the gate refuse drafting
+    that paid), or a fixed value (``fixed``, for tests and known setups). An
+    unmeasured R borrows the nearest measured R's time; if that is wrong the gate errs
+    for a step or two until the R has been measured."""
 
-    def __init__(self, fixed: float | None = None, smoothing: float = 0.2):
+    def __init__(self, fixed: float | None = None, window: int = 8):
         self.fixed = fixed
-        self.smoothing = smoothing
-        self._ema: dict[int, float] = {}
+        self.window = window
+        self._recent: dict[int, list[float]] = {}
 
     def observe(self, requests: int, seconds: float) -> None:
         if self.fixed is not None or requests <= 0:
             return
-        old = self._ema.get(requests)
-        self._ema[requests] = seconds if old is None else old + self.smoothing * (seconds - old)
+        recent = self._recent.setdefault(requests, [])
+        recent.append(seconds)
+        del recent[:-self.window]
 
     def seconds(self, requests: int) -> float | None:
         """d(R), or None while nothing has been measured."""
         if self.fixed is not None:
             return self.fixed
-        if requests in self._ema:
-            return self._ema[requests]
-        if not self._ema:
+        if not self._recent:
             return None
-        return self._ema[min(self._ema, key=lambda r: (abs(r - requests), r))]
+        near = min(self._recent, key=lambda r: (abs(r - requests), r))
+        return min(self._recent[near])
 
 
 class DraftGate:
