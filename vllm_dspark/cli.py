@@ -22,6 +22,13 @@ SUBCOMMANDS = {
 }
 
 
+def require_positive(args: argparse.Namespace, *names: str) -> None:
+    """One clear error for the first of ``--names`` below 1 (counts, sizes, steps)."""
+    for name in names:
+        if getattr(args, name) < 1:
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 1.")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="vllm-dspark", description=__doc__.splitlines()[0])

@@ -21,6 +21,8 @@ import shutil
 import sys
 import time
 
+from vllm_dspark.cli import require_positive
+
 STS_KEY = "dspark_sts_temperatures"
 REPORT_NAME = "sts_calibration.json"
 PLOT_NAME = "sts_reliability.png"
@@ -75,9 +77,8 @@ def _check(args: argparse.Namespace):
     if not os.path.isfile(args.prompts):
         raise SystemExit(f"error: --prompts {args.prompts!r} does not exist; pass a jsonl "
                          "file with one {\"turns\": [\"...\"]} per line.")
-    for name in ("num_prompts", "max_new_tokens", "anchor_stride", "n_bins", "gen_batch_size"):
-        if getattr(args, name) < 1:
-            raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 1.")
+    require_positive(args, "num_prompts", "max_new_tokens", "anchor_stride", "n_bins",
+                     "gen_batch_size")
     if args.temperature < 0:
         raise SystemExit("error: --temperature must be >= 0.")
     return cfg

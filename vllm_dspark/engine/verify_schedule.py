@@ -110,6 +110,7 @@ class VerificationScheduler:
         self.cost = DraftCost(fixed=settings.draft_cost)
         self.gate = None
         self._deciders: dict = {}  # GPU: one CUDA-graphed kernel per stopping rule
+        self.max_requests = 256  # set from max_num_seqs by ``build``
         self._history: deque[torch.Tensor] = deque(maxlen=2)  # confidences, [R, γ] per step
         if sps is not None:
             self.set_sps(sps)
@@ -132,10 +133,16 @@ class VerificationScheduler:
         """After a drafted step: its drafting time and its (calibrated) survival curves."""
         self.cost.observe(requests, seconds)
         if self.gate is not None:
-            self.gate.observe(torch.cumprod(confidence.float().clamp(0, 1), dim=1))
+            from vllm_dspark.schedule.prefix import survival
+
+            self.gate.observe(survival(confidence))
 
     def lengths(self, confidence: torch.Tensor) -> list[int]:
-        from vllm_dspark.schedule.prefix import async_schedule, causal_schedule
+        from vllm_dspark.schedule.prefix import (
+            async_schedule,
+            causal_schedule,
+            with_drafting_time,
+        )
 
         c = confidence.float()
         r, gamma = c.shape
@@ -155,7 +162,7 @@ class VerificationScheduler:
                 return decider[tp.CAUSAL].decide(c, extra_seconds=d)
             budget = sum(decider[tp.CAPACITY].decide(old, extra_seconds=d))
             return decider[tp.TOPK].decide(c, budget=budget)
-        sps = self.sps if d == 0 else _with_drafting(self.sps, d)
+        sps = with_drafting_time(self.sps, d)
         sched = causal_schedule(c, sps) if self.mode == "causal" else async_schedule(c, old, sps)
         return sched.lengths.tolist()
 
@@ -175,16 +182,6 @@ class VerificationScheduler:
                     m: tp.GraphedDecider(self.sps, gamma, n, device, m)
                     for m in ((tp.CAUSAL,) if self.mode == "causal" else (tp.CAPACITY, tp.TOPK))}
         return self._deciders[device]
-
-    max_requests = 256  # set from max_num_seqs by ``build``
-
-
-def _with_drafting(sps, d: float):
-    """SPS of a round whose target step is preceded by ``d`` seconds of drafting."""
-    from vllm_dspark.schedule.prefix import _sps_fn
-
-    fn = _sps_fn(sps)
-    return lambda b: 1.0 / (1.0 / fn(b).to(torch.float64) + d)
 
 
 def profile_sps(runner) -> object:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from vllm_dspark.schedule.prefix import SPSLike, _sps_fn
+from vllm_dspark.schedule.prefix import SPSLike, _sps_fn, _theta_path, with_drafting_time
 
 
 class DraftCost:
@@ -60,7 +60,7 @@ class DraftGate:
 
     def __init__(self, sps: SPSLike, cost: DraftCost, pool_rows: int = 512,
                  probe_every: int = 32):
-        self.sps = _sps_fn(sps)
+        self.sps = sps
         self.cost = cost
         self.pool_rows = pool_rows
         self.probe_every = probe_every
@@ -83,12 +83,10 @@ class DraftGate:
             return None
         idx = torch.arange(requests) % self._pool.shape[0]  # the most recent rows, cycled
         rows = self._pool.flip(0)[idx]
-        a = torch.sort(rows.reshape(-1), descending=True).values
-        k = torch.arange(a.numel() + 1)
-        tau = requests + torch.cat([a.new_zeros(1), torch.cumsum(a, 0)])
-        step_s = 1.0 / self.sps(requests + k).to(torch.float64)
-        best = float((tau / (step_s + d)).max())
-        plain = requests * float(self.sps(torch.tensor([requests]))[0])
+        # Θ along Algorithm 1's sorted path, each step paying d of drafting on top
+        _, _, theta, _ = _theta_path(rows, with_drafting_time(self.sps, d))
+        best = float(theta.max())
+        plain = requests * float(_sps_fn(self.sps)(torch.tensor([requests]))[0])
         return best / plain
 
     def should_draft(self, requests: int) -> bool:

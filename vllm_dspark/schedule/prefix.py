@@ -50,6 +50,15 @@ def _sps_fn(sps: SPSLike) -> Callable[[torch.Tensor], torch.Tensor]:
     return sps.sps_many if isinstance(sps, SPSTable) else sps
 
 
+def with_drafting_time(sps: SPSLike, d: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    """SPS of a round whose target step is preceded by ``d`` seconds of drafting:
+    1 / (1/SPS(B) + d). ``d = 0`` returns ``sps`` itself."""
+    fn = _sps_fn(sps)
+    if d == 0:
+        return fn
+    return lambda b: 1.0 / (1.0 / fn(b).to(torch.float64) + d)
+
+
 def _caps(c: torch.Tensor, lengths_cap: torch.Tensor | None) -> torch.Tensor:
     r, gamma = c.shape
     if lengths_cap is None:

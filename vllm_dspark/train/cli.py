@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 
+from vllm_dspark.cli import require_positive
 from vllm_dspark.train.data import add_generation_arguments
 
 
@@ -60,9 +61,7 @@ def _check(args: argparse.Namespace) -> None:
     if not os.path.isfile(os.path.join(args.target, "config.json")):
         raise SystemExit(f"error: --target {args.target!r} is not a HF model directory "
                          "(no config.json); build one with `vllm-dspark build-target`.")
-    for name in ("gamma", "num_layers", "steps", "batch_size", "anchors"):
-        if getattr(args, name) < 1:
-            raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 1.")
+    require_positive(args, "gamma", "num_layers", "steps", "batch_size", "anchors")
     if args.markov_rank < 0:
         raise SystemExit("error: --markov-rank must be >= 0 (0 = no sequential head).")
     if args.prompts and not os.path.isfile(args.prompts):
