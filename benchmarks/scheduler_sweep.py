@@ -4,10 +4,10 @@
         --concurrency 1 4 16 --out benchmarks/results/scheduler_sweep_cpu.json
 
 One engine per configuration (its own process): ``plain`` (no speculation), ``fixed``
-(VLLM_DSPARK_SCHEDULER=fixed, every step verifies γ drafts), ``causal``
-(VLLM_DSPARK_DRAFT_COST=measure: Algorithm 1 on the SPS table profiled at start-up plus
-the measured drafting time, with the draft gate), ``causal-paper`` (the default,
-Algorithm 1 verbatim: VLLM_DSPARK_DRAFT_COST=0, always draft) and ``async`` (§5.2). For
+(VLLM_DSPARK_SCHEDULER=fixed, every step verifies γ drafts), ``causal`` (the default,
+VLLM_DSPARK_DRAFT_COST=measure: Algorithm 1 on the SPS table profiled at start-up plus
+the measured drafting time, with the draft gate), ``causal-paper`` (Algorithm 1
+verbatim: VLLM_DSPARK_DRAFT_COST=0, always draft) and ``async`` (§5.2). For
 each concurrency C, C chat prompts are submitted at once (greedy, ``--max-tokens`` each)
 and we record output tokens/s, the mean number of draft tokens verified per request per
 step (vLLM's num_draft_tokens / num_drafts, which counts steps that verified nothing

@@ -15,7 +15,7 @@ from tiny_models import make_drafter, make_oracle_pair
 from vllm_dspark.calibrate.collect import (
     _verify_logits, collect_sequence, confidence_logits, continuations, load_pair,
 )
-from vllm_dspark.calibrate.sts import auroc, cumulative_survival, ece, fit_sts
+from vllm_dspark.calibrate.sts import auroc, cumulative_survival, ece, evaluate, fit_sts
 from vllm_dspark.cli import main as cli_main
 from vllm_dspark.config import DSparkConfig
 from vllm_dspark.decode.draft import sample_block
@@ -222,6 +222,12 @@ def test_cli_writes_temperatures(cli_setup, capsys):
     assert rep["temperatures"] == pytest.approx(cfg.sts_temperatures, rel=1e-5)
     assert rep["blocks"] >= 50 and len(rep["sts"]["positions"]) == cfg.block_size
     assert rep["sts"]["mean_ece_after"] <= rep["sts"]["mean_ece_before"] + 1e-9
+    # default --holdout 0.25: the last 2 of 8 prompts are evaluated, not fitted on
+    held = rep["heldout"]
+    assert "held out:" in printed and held["prompts"] == 2 and held["n_blocks"] > 0
+    assert rep["blocks"] == rep["sts"]["n_blocks"]
+    assert [p["temperature"] for p in held["positions"]] == rep["temperatures"]
+    assert rep["plot_data"] == "held out"
     assert plot.read_bytes()[:4] == b"\x89PNG"
     with open(os.path.join(draft, "config.json.bak")) as f:
         assert "dspark_sts_temperatures" not in json.load(f)
@@ -234,6 +240,7 @@ def test_cli_writes_temperatures(cli_setup, capsys):
     assert open(os.path.join(draft, "config.json")).read() == before
     rep2 = json.loads(report2.read_text())
     assert rep2["config_written"] is None and rep2["collection"]["temperature"] == 0.8
+    assert rep2["heldout"]["prompts"] == 2
     assert rep2["previous_temperatures"] == pytest.approx(cfg.sts_temperatures)
 
 
@@ -245,6 +252,36 @@ def test_cli_errors(cli_setup, pair):
         _cli(target, no_head, prompts)
     with pytest.raises(SystemExit, match="does not exist"):
         _cli(target, draft, str(tmp / "missing.jsonl"))
+    for bad in ("1", "-0.1"):
+        with pytest.raises(SystemExit, match=f"--holdout {float(bad)} is not a fraction"):
+            _cli(target, draft, prompts, "--holdout", bad)
     with pytest.raises(SystemExit, match="too few outcomes"):
         _cli(target, draft, prompts, "--num-prompts", "1", "--min-blocks", "100000")
     assert "dspark_sts_temperatures" not in json.load(open(os.path.join(draft, "config.json")))
+
+
+def test_holdout_split_keeps_whole_prompts():
+    from vllm_dspark.calibrate.collect import Outcomes
+
+    prompt = np.array([0, 0, 1, 1, 1, 2, 3, 3])
+    z = np.arange(16, dtype=np.float64).reshape(8, 2)
+    o = Outcomes(z=z, s=np.zeros((8, 2), np.int8), mask=np.ones((8, 2), bool), prompt=prompt)
+    fit, held = o.split(0.25)  # ⌈0.25 · 4⌉ = 1 prompt: the last
+    assert fit.prompt.tolist() == [0, 0, 1, 1, 1, 2] and held.prompt.tolist() == [3, 3]
+    assert held.z.tolist() == z[6:].tolist()
+    fit, held = o.split(0.5)
+    assert held.prompt.tolist() == [2, 3, 3]
+    assert o.split(0.0) == (o, None)
+    assert o.split(0.99)[1].prompt.min() == 1  # at least one prompt is always fitted on
+    one = Outcomes(z=z, s=o.s, mask=o.mask, prompt=np.zeros(8, int))
+    assert one.split(0.25)[1] is None
+
+
+def test_evaluate_is_the_fit_report_on_the_same_data():
+    rng = np.random.default_rng(3)
+    z = rng.normal(1.0, 2.0, size=(400, 3))
+    s = np.cumprod(rng.random((400, 3)) < 1 / (1 + np.exp(-z / 2)), axis=1).astype(np.int8)
+    temps, report = fit_sts(z, s)
+    again = evaluate(z, s, None, temps)
+    for a, b in zip(report["positions"], again["positions"]):
+        assert {k: b[k] for k in b} == {k: a[k] for k in b}

@@ -1,17 +1,34 @@
 """The draft gate and the drafting-time model (schedule/gate.py): engine-free."""
 
 import pytest
-import torch
 
 from vllm_dspark.schedule.gate import DraftCost, DraftGate
-from vllm_dspark.schedule.sps import SPSTable
-
-# A compute-bound target: 10 ms + 1 ms per token (time per step linear in B).
-LINEAR = SPSTable(b=[1, 1024], sps=[1 / 0.011, 1 / (0.010 + 0.001 * 1024)])
 
 
-def survival(values, rows):
-    return torch.tensor([values] * rows, dtype=torch.float64)
+def run(gate, steps, requests, drafted_step, plain_step, start=0.0):
+    """Drive the gate like the proposer does: each step is timed from one decision to
+    the next and emits tokens according to the choice made before it. ``*_step(R)``
+    give (tokens, seconds). Returns the decisions and the clock."""
+    now, tokens, decisions = start, None, []
+    for i in range(steps):
+        r = requests(i) if callable(requests) else requests
+        draft = gate.step(now, r, tokens)
+        decisions.append(draft)
+        tokens, seconds = (drafted_step if draft else plain_step)(r)
+        now += seconds
+    return decisions, now
+
+
+def draft_pays(r):  # a drafted step: 2 tokens per request in 15 ms (plain: 1 in 10 ms)
+    return 2 * r, 0.015
+
+
+def plain(r):
+    return r, 0.010
+
+
+def draft_loses(r):  # compute bound: 1.2 tokens per request in 16 ms
+    return round(1.2 * r), 0.016
 
 
 def test_draft_cost_fixed_recent_minimum_and_nearest():
@@ -30,52 +47,47 @@ def test_draft_cost_fixed_recent_minimum_and_nearest():
     assert cost.seconds(6) == 0.030 and cost.seconds(12) == 0.040  # nearest R
 
 
-def test_unknown_curves_or_cost_mean_draft():
-    gate = DraftGate(LINEAR, DraftCost())
-    assert gate.predicted_gain(4) is None and gate.should_draft(4)
-    gate.observe(survival([0.9, 0.8, 0.7], 4))
-    assert gate.predicted_gain(4) is None and gate.should_draft(4)  # d(R) unknown
+def test_follows_the_faster_choice_and_explores_less_and_less():
+    gate = DraftGate(min_samples=3, explore_min=8, explore_max=64)
+    decisions, _ = run(gate, 400, 1, draft_pays, plain)
+    assert decisions[:6] == [True, False, True, False, True, False]  # learning, R unknown
+    assert gate.rates(1) == (pytest.approx(2 / 0.015), pytest.approx(1 / 0.010))
+    later = decisions[100:]
+    assert sum(later) >= len(later) - 6  # explorations only, at most every 64 steps
+    assert not all(later)  # but it still looks
+    gate = DraftGate(min_samples=3, explore_min=8, explore_max=64)
+    decisions, _ = run(gate, 400, 16, draft_loses, plain)
+    assert sum(decisions[100:]) <= 6
+    assert (gate.drafted_steps, gate.skipped_steps) == (sum(decisions), 400 - sum(decisions))
 
 
-def test_gain_matches_a_hand_computation():
-    # R = 1, a = [0.9, 0.5], d = 5 ms. Plain: 1 token / 11 ms.
-    # ℓ=1: 1.9 tokens / (12 + 5) ms; ℓ=2: 2.4 / (13 + 5) ms = best.
-    gate = DraftGate(LINEAR, DraftCost(fixed=0.005))
-    gate.observe(survival([0.9, 0.5], 1))
-    assert gate.predicted_gain(1) == pytest.approx((2.4 / 0.018) / (1 / 0.011))
+def test_changes_its_mind_when_the_workload_changes():
+    gate = DraftGate(window=8, min_samples=3, explore_min=4, explore_max=16)
+    first, now = run(gate, 200, 4, draft_pays, plain)
+    assert all(first[-10:]) or sum(first[-10:]) >= 9
+    # drafts stop being accepted: drafting now costs time for nothing
+    second, _ = run(gate, 300, 4, lambda r: (r, 0.015), plain, start=now)
+    assert sum(second[-100:]) <= 10
 
 
-def test_heavy_load_or_slow_drafting_skips_then_probes():
-    gate = DraftGate(LINEAR, DraftCost(fixed=0.002), probe_every=3)
-    gate.observe(survival([0.8, 0.6, 0.4, 0.2], 8))
-    assert gate.should_draft(1)  # light load: cheap drafts pay
-    # 64 requests: the target is compute bound, a draft token costs as much as a new one
-    assert gate.predicted_gain(64) < 1.0
-    decisions = [gate.should_draft(64) for _ in range(8)]
-    assert decisions == [False, False, False, True, False, False, False, True]  # probes
-    assert (gate.drafted_steps, gate.skipped_steps) == (3, 6)
-    slow = DraftGate(LINEAR, DraftCost(fixed=1.0))
-    slow.observe(survival([0.99] * 4, 8))
-    assert not slow.should_draft(1)
+def test_each_request_count_learns_its_own_answer():
+    gate = DraftGate(min_samples=3, explore_min=8, explore_max=64)
+    run(gate, 100, 1, draft_pays, plain)
+    decisions, _ = run(gate, 60, 12, draft_loses, plain)  # R = 12: never seen
+    assert decisions[:6] == [True, False] * 3  # alternates, whatever R = 1 says
+    assert sum(decisions[6:]) <= 4
+    # past 16 requests, quarter octaves share their samples: 40 and 41 are one bucket
+    assert gate.step(0.0, 40, None) is True
+    gate.step(0.010, 41, 41)
+    assert gate.rates(40) == gate.rates(41) == (pytest.approx(4100.0), None)
 
 
-def test_gain_grows_with_confidence_and_falls_with_cost():
-    gains = []
-    for a, d in [(0.3, 0.002), (0.9, 0.002), (0.9, 0.02)]:
-        gate = DraftGate(LINEAR, DraftCost(fixed=d))
-        gate.observe(survival([a ** (j + 1) for j in range(4)], 4))
-        gains.append(gate.predicted_gain(4))
-    assert gains[1] > gains[0] and gains[1] > gains[2]
-
-
-def test_pool_keeps_recent_rows_and_cycles_them():
-    gate = DraftGate(LINEAR, DraftCost(fixed=0.0), pool_rows=4)
-    gate.observe(survival([0.1, 0.0], 3))
-    gate.observe(survival([0.9, 0.8], 2))
-    assert gate._pool.shape == (4, 2)
-    # R = 2 uses the two most recent rows ([0.9, 0.8]); free drafting and a flat-ish
-    # start make both verified: τ = 2 + 3.4
-    g = gate.predicted_gain(2)
-    best = max((2 + s) / (0.010 + 0.001 * (2 + k)) for k, s in
-               enumerate([0, 0.9, 1.8, 2.6, 3.4]))
-    assert g == pytest.approx(best / (2 / 0.012))
+def test_steps_that_are_not_pure_decode_or_change_the_batch_are_not_samples():
+    gate = DraftGate(min_samples=1)
+    assert gate.step(0.0, 4, None) is True  # nothing known: draft first
+    assert gate.step(1.0, 4, None) is True  # a prefill step: no sample, still unknown
+    assert gate.step(2.0, 5, 8) is True  # a request joined: not comparable
+    assert gate.step(2.010, 5, 5) is False  # 5 tokens in 10 ms after drafting; try the other
+    assert gate.rates(5) == (pytest.approx(500.0), None)
+    assert gate.step(2.014, 5, 5) is False  # plain: 5 in 4 ms beats 5 in 10 ms
+    assert gate.rates(5) == (pytest.approx(500.0), pytest.approx(1250.0))

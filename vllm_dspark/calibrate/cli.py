@@ -2,11 +2,13 @@
 
     vllm-dspark calibrate --target DIR --draft DIR --prompts FILE.jsonl [--num-prompts 64]
         [--temperature 0] [--max-new-tokens 256] [--anchor-stride 1] [--device auto]
-        [--out-json report.json] [--plot reliability.png] [--dry-run]
+        [--holdout 0.25] [--out-json report.json] [--plot reliability.png] [--dry-run]
 
 Drafts on held-out prompts in plain torch (``collect``), fits one temperature per
-position with Sequential Temperature Scaling (``sts``, paper §3.2.1), prints the
-per-position table and writes ``dspark_sts_temperatures`` into the draft's
+position with Sequential Temperature Scaling (``sts``, paper §3.2.1) on all but the
+last ``--holdout`` fraction of the prompts, prints the per-position table on the
+fitting blocks and on the held-out prompts' blocks (ECE measured where it was not
+fitted), and writes ``dspark_sts_temperatures`` into the draft's
 config.json (the previous file is kept as config.json.bak), which the engine
 applies to the confidence logits. ``--dry-run`` writes nothing into the draft.
 Use prompts the drafter was not trained on: the paper calibrates on a held-out set.
@@ -49,6 +51,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--gen-batch-size", type=int, default=8)
     p.add_argument("--n-bins", type=int, default=15, help="ECE bins")
+    p.add_argument("--holdout", type=float, default=0.25,
+                   help="fraction of the prompts (the last ones) whose blocks are not fitted "
+                   "on, only evaluated: the report's held-out ECE/AUROC and the diagram; "
+                   "0 = fit and report on everything (in-sample)")
     p.add_argument("--min-blocks", type=int, default=100,
                    help="refuse to fit on fewer drafted blocks")
     p.add_argument("--out-json", default=None, help=f"report (default <draft>/{REPORT_NAME}; "
@@ -81,6 +87,9 @@ def _check(args: argparse.Namespace):
                      "gen_batch_size")
     if args.temperature < 0:
         raise SystemExit("error: --temperature must be >= 0.")
+    if not 0 <= args.holdout < 1:
+        raise SystemExit(f"error: --holdout {args.holdout} is not a fraction in [0, 1); "
+                         "e.g. 0.25 holds out a quarter of the prompts, 0 none.")
     return cfg
 
 
@@ -108,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from vllm_dspark.calibrate.collect import collect
-    from vllm_dspark.calibrate.sts import fit_sts, format_table, reliability_diagram
+    from vllm_dspark.calibrate.sts import evaluate, fit_sts, format_table, reliability_diagram
     from vllm_dspark.prompts import read_prompts
 
     cfg = _check(args)
@@ -126,23 +135,37 @@ def run(args: argparse.Namespace) -> int:
         device=args.device, dtype=dtype, seed=args.seed,
         probabilistic=args.draft_sample_method == "probabilistic",
         gen_batch_size=args.gen_batch_size, log=lambda m: print(m, file=sys.stderr))
-    n_blocks = int(outcomes.mask[:, 0].sum()) if outcomes.mask.size else 0
+    fit, held = outcomes.split(args.holdout)
+    n_blocks = int(fit.mask[:, 0].sum()) if fit.mask.size else 0
     if n_blocks < args.min_blocks:
         raise SystemExit(
-            f"error: too few outcomes to calibrate: {n_blocks} drafted blocks < --min-blocks "
-            f"{args.min_blocks}. Use more prompts (--num-prompts), longer answers "
+            f"error: too few outcomes to calibrate: {n_blocks} drafted blocks to fit on < "
+            f"--min-blocks {args.min_blocks}. Use more prompts (--num-prompts), longer answers "
             "(--max-new-tokens) or a smaller --anchor-stride.")
-    temps, report = fit_sts(outcomes.z, outcomes.s, outcomes.mask, n_bins=args.n_bins)
+    temps, report = fit_sts(fit.z, fit.s, fit.mask, n_bins=args.n_bins)
+    print(f"fitted on {n_blocks} blocks (in-sample):")
     print(format_table(report))
+    heldout = None
+    if held is not None:
+        heldout = evaluate(held.z, held.s, held.mask, temps, n_bins=args.n_bins)
+        for position, fitted in zip(heldout["positions"], report["positions"]):
+            position.update({k: fitted[k] for k in ("temperature", "fitted", "at_grid_edge")})
+        heldout["prompts"] = int(len(set(held.prompt.tolist())))
+        print(f"held out: {heldout['n_blocks']} blocks of the last {heldout['prompts']} "
+              "prompts, not fitted on:")
+        print(format_table(heldout))
+    else:
+        print("no held-out prompts (--holdout 0 or a single prompt): the ECE above is "
+              "in-sample")
     print(f"temperatures: {[round(t, 4) for t in temps]}   τ (measured, incl. bonus) "
           f"{outcomes.tau():.3f}   {time.time() - t0:.0f}s")
 
     written = None if args.dry_run else write_temperatures(args.draft, temps)
     out_json = args.out_json or (None if args.dry_run else os.path.join(args.draft, REPORT_NAME))
     plot = args.plot or (None if args.dry_run else os.path.join(args.draft, PLOT_NAME))
-    if plot:
-        reliability_diagram(outcomes.z, outcomes.s, outcomes.mask, temps, plot,
-                            n_bins=args.n_bins)
+    if plot:  # on the held-out blocks when there are some: what deployment will see
+        shown = held if held is not None else fit
+        reliability_diagram(shown.z, shown.s, shown.mask, temps, plot, n_bins=args.n_bins)
     if args.save_outcomes:
         np.savez_compressed(args.save_outcomes, z=outcomes.z, s=outcomes.s, mask=outcomes.mask)
     if out_json:
@@ -150,8 +173,10 @@ def run(args: argparse.Namespace) -> int:
             command=" ".join(["vllm-dspark", "calibrate"] + sys.argv[2:]) if sys.argv else None,
             target=args.target, draft=args.draft, prompts=args.prompts,
             collection=outcomes.meta, blocks=n_blocks, tau=outcomes.tau(),
-            previous_temperatures=cfg.sts_temperatures, temperatures=temps,
-            config_written=written, plot=plot, seconds=round(time.time() - t0, 1), sts=report)
+            holdout=args.holdout, previous_temperatures=cfg.sts_temperatures,
+            temperatures=temps, config_written=written, plot=plot,
+            plot_data="held out" if held is not None else "fitted",
+            seconds=round(time.time() - t0, 1), sts=report, heldout=heldout)
         text = json.dumps(full, indent=1)  # serialise first: no half-written report
         with open(out_json, "w") as f:
             f.write(text)

@@ -30,6 +30,8 @@ ended otherwise) and no earlier accepted draft was an end-of-sequence token.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -48,6 +50,20 @@ class Outcomes:
     s: np.ndarray  # [N, γ] int8 cumulative survival
     mask: np.ndarray  # [N, γ] bool
     meta: dict = field(default_factory=dict)
+    prompt: np.ndarray | None = None  # [N] index of the prompt each block came from
+
+    def split(self, holdout: float) -> tuple[Outcomes, Outcomes | None]:
+        """(fit, held out): the last ⌈holdout · prompts⌉ prompts' blocks are held out,
+        whole prompts, since blocks of one answer are not independent. None when
+        nothing can be held out (holdout 0, one prompt, or no prompt indices)."""
+        n = int(self.prompt.max()) + 1 if self.prompt is not None and self.prompt.size else 0
+        k = min(math.ceil(holdout * n), n - 1) if holdout > 0 else 0
+        if k <= 0:
+            return self, None
+        held = self.prompt >= n - k
+        part = lambda rows: Outcomes(self.z[rows], self.s[rows], self.mask[rows],  # noqa: E731
+                                     dict(self.meta), self.prompt[rows])
+        return part(~held), part(held)
 
     def tau(self) -> float:
         """Mean accepted drafts + 1 (bonus token) over blocks valid at every position."""
@@ -116,7 +132,7 @@ def collect_sequence(target, drafter: DSparkDrafter, ids: torch.Tensor, prompt_l
     ctx = drafter.context(feats)
     cache = out.past_key_values
     stops = torch.tensor(list(stop_ids), dtype=torch.long, device=dev)
-    zs, ss, ms = [], [], []
+    zs, ss, ms, ps = [], [], [], []
     for anchors in anchors_all.split(chunk):
         a = anchors.numel()
         blocks = build_blocks(anchors[None], torch.ones(1, a, dtype=torch.bool, device=dev),
@@ -240,7 +256,7 @@ def collect(target_dir: str, draft_dir: str, prompts: list[str], *, temperature:
                             batch_size=gen_batch_size)
     gen = torch.Generator(device=dev).manual_seed(seed + 1)
     stops = stop_token_ids(tok, target)
-    zs, ss, ms = [], [], []
+    zs, ss, ms, ps = [], [], [], []
     for n, (p, a) in enumerate(zip(prompt_ids, answers)):
         ids = torch.tensor(p + a, device=dev)
         z, s, m = collect_sequence(target, drafter, ids, len(p), temperature=temperature,
@@ -249,6 +265,7 @@ def collect(target_dir: str, draft_dir: str, prompts: list[str], *, temperature:
         zs.append(z.cpu())
         ss.append(s.cpu())
         ms.append(m.cpu())
+        ps.append(torch.full((z.shape[0],), n, dtype=torch.int32))
         if log is not None:
             log(f"[{n + 1}/{len(prompts)}] {len(a)} answer tokens, {z.shape[0]} blocks")
     meta = dict(prompts=len(prompts), answer_tokens=sum(map(len, answers)),
@@ -257,4 +274,4 @@ def collect(target_dir: str, draft_dir: str, prompts: list[str], *, temperature:
                 max_new_tokens=max_new_tokens, seed=seed, device=str(dev),
                 dtype=str(next(target.parameters()).dtype).replace("torch.", ""))
     return Outcomes(z=torch.cat(zs).double().numpy(), s=torch.cat(ss).to(torch.int8).numpy(),
-                    mask=torch.cat(ms).numpy(), meta=meta)
+                    mask=torch.cat(ms).numpy(), meta=meta, prompt=torch.cat(ps).numpy())

@@ -8,21 +8,18 @@ makes speculation slower than plain decoding. Two additions fix that:
 1. The round's time is target + drafter: Θ = τ / (1/SPS(B) + d), d the measured
    drafting time of this batch (``DraftCost``). Once a block is drafted d is sunk,
    so the verification decision should count it (it admits a little more).
-2. ``DraftGate`` predicts, before drafting, the best Θ a drafted step could reach
-   — from the survival curves of recently drafted requests, the current request
-   count R and d(R) — against R·SPS(R) for a plain step, and skips the drafter when
-   drafting cannot pay. Every ``probe_every``-th skipped step drafts anyway, so the
-   curves stay fresh when the workload changes.
+2. ``DraftGate`` measures, per request count R, the tokens/s of steps that followed
+   a drafted step and of steps that followed a skipped one, and skips the drafter
+   while skipping is faster (trying the other choice now and then).
 
-Both are lossless: they use only earlier steps' confidences and timings, never the
+Both are lossless: they use only earlier steps' timings and token counts, never the
 draft being verified (skipping = verifying ℓ_r = 0 for every request).
 """
 
 from __future__ import annotations
 
-import torch
-
-from vllm_dspark.schedule.prefix import SPSLike, _sps_fn, _theta_path, with_drafting_time
+import math
+from collections import deque
 
 
 class DraftCost:
@@ -56,45 +53,104 @@ class DraftCost:
 
 
 class DraftGate:
-    """Before each step: draft or not (see the module docstring)."""
+    """Before each step: draft or not, from the measured throughput of both choices.
 
-    def __init__(self, sps: SPSLike, cost: DraftCost, pool_rows: int = 512,
-                 probe_every: int = 32):
-        self.sps = sps
-        self.cost = cost
-        self.pool_rows = pool_rows
-        self.probe_every = probe_every
-        self._pool: torch.Tensor | None = None  # [≤ pool_rows, γ] recent survival rows
-        self._skipped = 0
+    Each step's wall time (from one ``propose`` call to the next: the drafting of the
+    previous step plus the target step that verified it) and the tokens that step
+    emitted are one sample of the choice made the step before, filed under the request
+    count R (exact up to 16, quarter octaves above). Per R the gate keeps the recent
+    ``window`` samples of each choice and follows the one with the higher tokens/s
+    (Σ tokens / Σ seconds). It tries the other one now and then — every
+    ``explore_min`` steps, doubling up to ``explore_max`` while the answer stays the
+    same — so a change of workload is noticed. Until both choices have ``min_samples``
+    samples at an R, it alternates between them (drafting first): a few slow steps
+    per request count once, rather than guessing from another R (with 1 → 4
+    requests on the CPU sweep, following R = 1's answer cost most of a batch).
+
+    Measuring instead of predicting: a prediction from the calibrated survival
+    products and the SPS table (this gate's first version) refused drafting that paid
+    at light load (benchmarks/README.md); wall time counts everything — drafting,
+    verification, the scheduler itself — whatever the calibration.
+    """
+
+    def __init__(self, window: int = 16, min_samples: int = 3, explore_min: int = 8,
+                 explore_max: int = 256):
+        self.window = window
+        self.min_samples = min_samples
+        self.explore_min = explore_min
+        self.explore_max = explore_max
+        self._buckets: dict[int, _Bucket] = {}
+        self._last: tuple[float, int, bool] | None = None  # (time, R, drafted)
         self.drafted_steps = 0
         self.skipped_steps = 0
 
-    def observe(self, survival: torch.Tensor) -> None:
-        """Survival products a_{r,j} of a drafted step (calibrated), any device."""
-        rows = survival.detach().to("cpu", torch.float64)
-        pool = rows if self._pool is None else torch.cat([self._pool, rows])
-        self._pool = pool[-self.pool_rows:]
-
-    def predicted_gain(self, requests: int) -> float | None:
-        """max over verification budgets of Θ(drafted) / Θ(plain), for R requests whose
-        survival curves look like the most recent ones; None when unknown."""
-        d = self.cost.seconds(requests)
-        if self._pool is None or d is None or requests <= 0:
-            return None
-        idx = torch.arange(requests) % self._pool.shape[0]  # the most recent rows, cycled
-        rows = self._pool.flip(0)[idx]
-        # Θ along Algorithm 1's sorted path, each step paying d of drafting on top
-        _, _, theta, _ = _theta_path(rows, with_drafting_time(self.sps, d))
-        best = float(theta.max())
-        plain = requests * float(_sps_fn(self.sps)(torch.tensor([requests]))[0])
-        return best / plain
-
-    def should_draft(self, requests: int) -> bool:
-        gain = self.predicted_gain(requests)
-        draft = gain is None or gain > 1.0 or self._skipped >= self.probe_every
-        self._skipped = 0 if draft else self._skipped + 1
+    def step(self, now: float, requests: int, tokens: int | None) -> bool:
+        """At the start of a step's drafting: ``tokens`` = tokens the target emitted in
+        the step that just ran, or None when it was not a pure decode step (a prefill
+        or a request joining makes its time no sample of either choice). Records that
+        step, then decides whether to draft this one."""
+        last, self._last = self._last, None
+        if (last is not None and tokens is not None and tokens > 0
+                and _bucket_key(requests) == _bucket_key(last[1])):
+            self._record(requests, last[2], tokens, now - last[0])
+        draft = self._decide(requests)
+        self._last = (now, requests, draft)
         if draft:
             self.drafted_steps += 1
         else:
             self.skipped_steps += 1
         return draft
+
+    def rates(self, requests: int) -> tuple[float | None, float | None]:
+        """Measured tokens/s (drafted, plain) at this request count's bucket."""
+        b = self._buckets.get(_bucket_key(requests))
+        return (None, None) if b is None else (b.rate(True), b.rate(False))
+
+    def _bucket(self, requests: int) -> _Bucket:
+        key = _bucket_key(requests)
+        if key not in self._buckets:
+            self._buckets[key] = _Bucket(self.window, self.explore_min)
+        return self._buckets[key]
+
+    def _record(self, requests: int, drafted: bool, tokens: int, seconds: float) -> None:
+        b = self._bucket(requests)
+        before = b.best(self.min_samples)
+        b.samples[drafted].append((tokens, seconds))
+        if before is not None and drafted != before:  # an exploration came back
+            same = b.best(self.min_samples) == before
+            b.interval = min(2 * b.interval, self.explore_max) if same else self.explore_min
+
+    def _decide(self, requests: int) -> bool:
+        b = self._bucket(requests)
+        best = b.best(self.min_samples)
+        if best is None:  # still learning this R: alternate, drafting first
+            return len(b.samples[True]) <= len(b.samples[False])
+        b.since += 1
+        if b.since >= b.interval:
+            b.since = 0
+            return not best
+        return best
+
+
+def _bucket_key(requests: int) -> int:
+    if requests <= 16:
+        return requests
+    return 16 + round(4 * math.log2(requests / 16))
+
+
+class _Bucket:
+    def __init__(self, window: int, interval: int):
+        self.samples = {True: deque(maxlen=window), False: deque(maxlen=window)}
+        self.interval = interval  # steps between explorations of the other choice
+        self.since = 0
+
+    def rate(self, drafted: bool) -> float | None:
+        s = self.samples[drafted]
+        seconds = sum(t for _, t in s)
+        return sum(n for n, _ in s) / seconds if s and seconds > 0 else None
+
+    def best(self, min_samples: int) -> bool | None:
+        """Drafting (True) or not (False), once both have ``min_samples`` samples."""
+        if min(len(self.samples[True]), len(self.samples[False])) < min_samples:
+            return None
+        return self.rate(True) >= self.rate(False)

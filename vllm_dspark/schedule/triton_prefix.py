@@ -184,7 +184,8 @@ def _launch(c, cap, dense_sps, scalars, out, diag, scratch, r, gamma, mode, has_
     _rank_kernel[(triton.cdiv(n, BLOCK_I),)](
         c, cap, dense_sps, scalars, scratch["rank"], scratch["tau"], scratch["theta"],
         scratch["imp"], r, gamma, c.stride(0), dense_sps.numel(),
-        HAS_CAP=has_cap, BLOCK_G=_pow2(gamma), BLOCK_I=BLOCK_I, BLOCK_K=BLOCK_K, num_warps=4,
+        HAS_CAP=has_cap, BLOCK_G=_pow2(gamma), BLOCK_I=BLOCK_I, BLOCK_K=BLOCK_K,
+        num_warps=8,  # H100, 256 × 7: 20.6 µs against 26.6 with 4 (block sizes swept too)
     )
     _finish_kernel[(1,)](
         dense_sps, scalars, scratch["rank"], scratch["tau"], scratch["theta"], scratch["imp"],
@@ -238,10 +239,12 @@ class GraphedDecider:
     """Repeated decisions on one GPU, each one CUDA-graph replay of the two kernels.
 
     Triton's Python launcher costs ~20 µs per call, more than the kernels; a graph per
-    request count R (captured on first use) replays both for a few µs. Confidences,
-    drafting time and budget go through static buffers, so one graph serves every
-    step with that R. ``decide`` returns the lengths as a host list (the engine needs
-    them there before vLLM schedules the drafts)."""
+    request count R (captured on first use) replays both for a few µs. Confidences go
+    in through a static buffer; the two scalars (drafting time, budget) come from
+    pinned host memory and the lengths go back to pinned host memory by copies
+    captured in the same graph, so a decision is one D2D copy, one replay and one
+    stream synchronisation. ``decide`` returns the lengths as a host list (the engine
+    needs them there before vLLM schedules the drafts)."""
 
     def __init__(self, sps, gamma: int, max_requests: int, device, mode: int = CAUSAL):
         self.gamma, self.mode = gamma, mode
@@ -251,32 +254,52 @@ class GraphedDecider:
         self.c = torch.zeros(max_requests, gamma, dtype=torch.float32, device=self.device)
         self.scalars = torch.zeros(2, dtype=torch.float64, device=self.device)
         self._scalars_host = torch.zeros(2, dtype=torch.float64).pin_memory()
+        self._scalars_np = self._scalars_host.numpy()  # numpy views: µs cheaper than torch
         self.out = torch.zeros(max_requests, dtype=torch.int64, device=self.device)
+        self._out_host = torch.zeros(max_requests, dtype=torch.int64).pin_memory()
+        self._out_np = self._out_host.numpy()
         self.diag = torch.zeros(3, dtype=torch.float64, device=self.device)
         self.scratch = _scratch(max_requests * gamma, self.device)
-        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._graphs: dict[int, tuple] = {}  # R -> (graph, confidence view, lengths view)
+        self._stream = None  # the stream of the last replay (fetching it costs ~6 µs)
 
     def _launch(self, r: int) -> None:
+        self.scalars.copy_(self._scalars_host, non_blocking=True)
         _launch(self.c[:r], self.out, self.dense, self.scalars, self.out, self.diag,
                 self.scratch, r, self.gamma, self.mode, False)
+        self._out_host[:r].copy_(self.out[:r], non_blocking=True)
 
     def _graph(self, r: int):
-        g = self._graphs.get(r)
-        if g is None:
+        entry = self._graphs.get(r)
+        if entry is None:
             self._launch(r)  # compile outside the capture
             torch.cuda.synchronize(self.device)
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g):
                 self._launch(r)
-            self._graphs[r] = g
-        return g
+            entry = self._graphs[r] = (g, self.c[:r], self._out_np[:r])
+        return entry
+
+    def _current_stream(self):
+        """The current stream, cached by id (torch.cuda.current_stream costs ~6 µs)."""
+        get_id = getattr(torch._C, "_cuda_getCurrentStream", None)
+        if get_id is None:
+            return torch.cuda.current_stream(self.device)
+        sid = get_id(self.device.index if self.device.index is not None else
+                     torch.cuda.current_device())[0]
+        if self._stream is None or self._stream.stream_id != sid:
+            self._stream = torch.cuda.current_stream(self.device)
+        return self._stream
 
     def decide(self, c: torch.Tensor, extra_seconds: float = 0.0, budget: int = 0) -> list[int]:
         r = c.shape[0]
         if r == 0:
             return []
-        self.c[:r].copy_(c, non_blocking=True)
-        self._scalars_host[0], self._scalars_host[1] = float(extra_seconds), float(budget)
-        self.scalars.copy_(self._scalars_host, non_blocking=True)
-        self._graph(r).replay()
-        return self.out[:r].tolist()
+        graph, c_in, lengths = self._graph(r)
+        c_in.copy_(c, non_blocking=True)
+        # The previous replay has finished (we synchronised after it), so the pinned
+        # scalars can be rewritten; the replay reads them when it runs.
+        self._scalars_np[0], self._scalars_np[1] = extra_seconds, budget
+        graph.replay()  # on the current stream, like the copy in
+        self._current_stream().synchronize()
+        return lengths.tolist()

@@ -97,6 +97,25 @@ class DSparkProposer(DFlashProposer):
             target_hidden_states = torch.cat([target_hidden_states[:, :-h], last], dim=-1)
         return self.model.combine_hidden_states(target_hidden_states)
 
+    def _slots(self, cad: CommonAttentionMetadata, req: torch.Tensor,
+               pos: torch.Tensor) -> torch.Tensor:
+        """KV-cache slots of (request index, position) pairs, from the block table."""
+        bt, bs = cad.block_table_tensor, self.block_size
+        block = bt[req, (pos // bs).clamp(max=bt.shape[1] - 1)].long()
+        return block * bs + pos % bs
+
+    def _prepare_context(self, target_positions: torch.Tensor,
+                         cad: CommonAttentionMetadata) -> int:
+        """Positions and slots of every token the target processed this step."""
+        qsl = cad.query_start_loc.long()
+        num_ctx = target_positions.shape[0]
+        ctx_req = torch.repeat_interleave(torch.arange(cad.batch_size(), device=qsl.device),
+                                          qsl[1:] - qsl[:-1])
+        ctx_pos = target_positions[:num_ctx].long()
+        self._context_positions_buffer[:num_ctx] = ctx_pos
+        self._context_slot_mapping_buffer[:num_ctx] = self._slots(cad, ctx_req, ctx_pos)
+        return num_ctx
+
     def _prepare_block(
         self,
         gamma: int,
@@ -104,31 +123,20 @@ class DSparkProposer(DFlashProposer):
         target_positions: torch.Tensor,  # [T]
         cad: CommonAttentionMetadata,
         num_rejected: torch.Tensor | None,  # [B]
-    ) -> tuple[int, CommonAttentionMetadata]:
-        """Context positions/slots, query ids/positions/slots and the block's attention metadata."""
+    ) -> CommonAttentionMetadata:
+        """Query ids/positions/slots and the block's attention metadata."""
         b = cad.batch_size()
-        num_ctx = target_positions.shape[0]
         qsl = cad.query_start_loc.long()
-        counts = qsl[1:] - qsl[:-1]
-        rejected = num_rejected.long() if num_rejected is not None else torch.zeros_like(counts)
+        rejected = (num_rejected.long() if num_rejected is not None
+                    else torch.zeros(b, dtype=torch.long, device=qsl.device))
         bt = cad.block_table_tensor
-        bs = self.block_size
-
-        def slots(req: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-            block = bt[req, (pos // bs).clamp(max=bt.shape[1] - 1)].long()
-            return block * bs + pos % bs
-
-        ctx_req = torch.repeat_interleave(torch.arange(b, device=qsl.device), counts)
-        ctx_pos = target_positions[:num_ctx].long()
-        self._context_positions_buffer[:num_ctx] = ctx_pos
-        self._context_slot_mapping_buffer[:num_ctx] = slots(ctx_req, ctx_pos)
 
         anchor_pos = target_positions[qsl[1:] - 1 - rejected].long() + 1  # [B] = p
         q_pos = anchor_pos[:, None] + torch.arange(gamma, device=qsl.device)  # [B, γ]
         q_req = torch.arange(b, device=qsl.device)[:, None].expand(b, gamma)
         n = b * gamma
         self.positions[:n] = q_pos.reshape(-1)
-        self._slot_mapping_buffer[:n] = slots(q_req, q_pos).reshape(-1)
+        self._slot_mapping_buffer[:n] = self._slots(cad, q_req, q_pos).reshape(-1)
         ids = torch.full((b, gamma), self.dspark.mask_token_id, dtype=torch.int32,
                          device=qsl.device)
         ids[:, 0] = next_token_ids.to(torch.int32)
@@ -149,7 +157,7 @@ class DSparkProposer(DFlashProposer):
             slot_mapping=self._slot_mapping_buffer[:n],
             causal=False,
         )
-        return num_ctx, block_cad
+        return block_cad
 
     def propose(
         self,
@@ -171,10 +179,7 @@ class DSparkProposer(DFlashProposer):
         self.last_confidence = None
         b = common_attn_metadata.batch_size()
         ctx_states = self._context_states(target_hidden_states)
-        num_ctx, block_cad = self._prepare_block(
-            max(gamma, 1), next_token_ids, target_positions, common_attn_metadata,
-            num_rejected_tokens_gpu,
-        )
+        num_ctx = self._prepare_context(target_positions, common_attn_metadata)
         # Context K/V go straight into the draft cache (outside any graph).
         self.model.precompute_and_store_context_kv(
             ctx_states, self._context_positions_buffer[:num_ctx],
@@ -184,7 +189,8 @@ class DSparkProposer(DFlashProposer):
             return torch.empty(b, 0, dtype=torch.int64, device=self.device)
         sched = self.verify_scheduler
         scheduled = sched is not None and sched.active and self.model.confidence_head is not None
-        if scheduled and not sched.should_draft(b):
+        if scheduled and not sched.should_draft(b, self._decode_tokens(
+                gamma, target_positions, common_attn_metadata, num_rejected_tokens_gpu)):
             # Drafting cannot pay at this load (schedule/gate.py): verify nothing. The
             # context K/V above are stored, so the next drafted step sees all of it.
             self.last_lengths = [0] * b
@@ -193,6 +199,8 @@ class DSparkProposer(DFlashProposer):
             torch.cuda.synchronize(self.device)  # time the drafting alone
         t_draft = time.perf_counter()
 
+        block_cad = self._prepare_block(gamma, next_token_ids, target_positions,
+                                        common_attn_metadata, num_rejected_tokens_gpu)
         n = b * gamma
         _, per_layer = self.build_per_group_and_layer_attn_metadata(block_cad)
         mode, n_pad, n_across_dp = self._determine_batch_execution_and_padding(n)
@@ -220,7 +228,7 @@ class DSparkProposer(DFlashProposer):
         self.last_confidence = block.confidence
         self.last_lengths = sched.lengths(block.confidence) if scheduled else None
         if scheduled:  # .tolist() in lengths() synchronised: the time is the drafting's
-            sched.observe(b, time.perf_counter() - t_draft, block.confidence)
+            sched.observe(b, time.perf_counter() - t_draft)
         if self._trace_path:
             self._trace(block, gamma)
         if scheduled:
@@ -228,6 +236,15 @@ class DSparkProposer(DFlashProposer):
             # its rejection sampler reads q for) exactly those tokens.
             return [row[:n] for row, n in zip(block.tokens.tolist(), self.last_lengths)]
         return block.tokens
+
+    @staticmethod
+    def _decode_tokens(gamma, target_positions, cad, num_rejected) -> int | None:
+        """Tokens the target emitted in the step that just ran, if it was a pure decode
+        step (every request verified ≤ γ drafts + 1); None otherwise (prefill)."""
+        if cad.max_query_len > gamma + 1:
+            return None
+        rejected = int(num_rejected.sum()) if num_rejected is not None else 0
+        return target_positions.shape[0] - rejected
 
     def _trace(self, block, gamma: int) -> None:
         b = block.tokens.shape[0]
