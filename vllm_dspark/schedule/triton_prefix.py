@@ -262,6 +262,7 @@ class GraphedDecider:
         self.scratch = _scratch(max_requests * gamma, self.device)
         self._graphs: dict[int, tuple] = {}  # R -> (graph, confidence view, lengths view)
         self._stream = None  # the stream of the last replay (fetching it costs ~6 µs)
+        self._capture_stream = None
 
     def _launch(self, r: int) -> None:
         self.scalars.copy_(self._scalars_host, non_blocking=True)
@@ -275,7 +276,11 @@ class GraphedDecider:
             self._launch(r)  # compile outside the capture
             torch.cuda.synchronize(self.device)
             g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
+            # Captured on a side stream of our own (CUDA refuses the default stream).
+            if self._capture_stream is None:
+                self._capture_stream = torch.cuda.Stream(self.device)
+            self._capture_stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.graph(g, stream=self._capture_stream):
                 self._launch(r)
             entry = self._graphs[r] = (g, self.c[:r], self._out_np[:r])
         return entry
