@@ -212,3 +212,23 @@ def test_profile_cli_writes_a_table(corrupted_oracle_pair, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = SPSTable.load(str(out))
     assert table.b[-1] == 32 and "steps/s" in proc.stdout  # CPU: powers of two ≤ 8·(γ+1)
+
+
+def test_draft_width_follows_the_last_decision():
+    """With the measured drafting cost the proposer projects only the block positions
+    that could still be verified: one more than the longest prefix verified last step
+    (the paper's variant keeps all γ)."""
+    from vllm_dspark.engine.verify_schedule import Settings, VerificationScheduler
+    from vllm_dspark.schedule.sps import SPSTable
+
+    steep = SPSTable(b=[1, 512], sps=[100.0, 100 / (1 + 512 / 16)])
+    measured = VerificationScheduler(Settings("causal", "t", draft_cost=None), sps=steep)
+    paper = VerificationScheduler(Settings("causal", "t", draft_cost=0.0), sps=steep)
+    for sched in (measured, paper):
+        assert sched.draft_width(7) == 7  # nothing decided yet
+        assert sched.lengths(torch.full((8, 7), 0.5)) == [1] * 8
+    assert measured.draft_width(7) == 2 and paper.draft_width(7) == 7
+    assert measured.lengths(torch.full((8, 2), 0.9)) == [2] * 8  # a 2-wide block
+    assert measured.draft_width(7) == 3  # grows back by one per step
+    measured.lengths(torch.zeros(8, 3))
+    assert measured.draft_width(7) == 1  # nothing verified: still draft one position

@@ -112,6 +112,8 @@ class VerificationScheduler:
         self.gate = None
         self._deciders: dict = {}  # GPU: one CUDA-graphed kernel per stopping rule
         self.max_requests = 256  # set from max_num_seqs by ``build``
+        self._longest: int | None = None  # the longest ℓ_r of the last decision
+        self.gamma: int | None = None  # the drafter's γ (the GPU decider's width); ``build``
         self._history: deque[torch.Tensor] = deque(maxlen=2)  # confidences, [R, γ] per step
         if sps is not None:
             self.set_sps(sps)
@@ -135,11 +137,27 @@ class VerificationScheduler:
             return True
         return self.gate.step(time.perf_counter(), requests, tokens)
 
+    def draft_width(self, gamma: int) -> int:
+        """Block positions worth projecting onto the vocabulary this step. With the
+        measured drafting cost (``measure``): one more than the longest prefix verified
+        last step, so under load, where Algorithm 1 verifies 0–1 tokens per request,
+        drafting skips most of its vocabulary projections, and the width grows back by
+        one per step as load falls. Lossless: it only shortens the drafts, from
+        earlier decisions. The paper's variant (a fixed drafting time) keeps all γ."""
+        if self.gate is None or self._longest is None:
+            return gamma
+        return max(1, min(gamma, self._longest + 1))
+
     def observe(self, requests: int, seconds: float) -> None:
         """After a drafted step: its drafting time."""
         self.cost.observe(requests, seconds)
 
     def lengths(self, confidence: torch.Tensor) -> list[int]:
+        lengths = self._lengths(confidence)
+        self._longest = max(lengths, default=0)
+        return lengths
+
+    def _lengths(self, confidence: torch.Tensor) -> list[int]:
         from vllm_dspark.schedule.prefix import (
             async_schedule,
             causal_schedule,
@@ -149,6 +167,7 @@ class VerificationScheduler:
         c = confidence.float()
         r, gamma = c.shape
         d = self.cost.seconds(r) or 0.0
+        old = None
         if self.mode == "async":
             # §5.2: the budget comes from the confidences of the step two back (the
             # requests then in the batch); until there is one, verify everything.
@@ -156,10 +175,15 @@ class VerificationScheduler:
             self._history.append(c)
             if old is None:
                 return [gamma] * r
-        decider = self._decider(c.device, gamma)
+        width = self.gamma or gamma  # the GPU decider's, fixed; draft_width may be less
+        decider = self._decider(c.device, width)
         if decider is not None:
             from vllm_dspark.schedule import triton_prefix as tp
 
+            def pad(x):  # a narrower block: survival 0 past its width
+                return torch.nn.functional.pad(x, (0, width - x.shape[1]))
+
+            c, old = pad(c), (pad(old) if old is not None else None)
             if self.mode == "causal":
                 return decider[tp.CAUSAL].decide(c, extra_seconds=d)
             budget = sum(decider[tp.CAPACITY].decide(old, extra_seconds=d))
@@ -243,5 +267,6 @@ def build(runner, cfg: DSparkConfig) -> VerificationScheduler:
         sched.mode = "fixed"
         return sched
     sched.max_requests = runner.vllm_config.scheduler_config.max_num_seqs
+    sched.gamma = runner.drafter.gamma
     sched.set_sps(settings.table if settings.table is not None else profile_sps(runner))
     return sched

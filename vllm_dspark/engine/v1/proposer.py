@@ -213,11 +213,16 @@ class DSparkProposer(DFlashProposer):
                 input_ids=self.input_ids[:n_pad], positions=self._get_positions(n_pad),
                 inputs_embeds=None,
             )
-        hidden = hidden[:n]
-        base_logits = self.model.compute_draft_logits(hidden).view(b, gamma, -1)
+        # The backbone drafts the whole block (its positions attend to each other); the
+        # vocabulary projection and the sequential stage, most of the drafting time, run
+        # only over the positions the scheduler could still verify (draft_width).
+        width = sched.draft_width(gamma) if scheduled else gamma
+        hidden = hidden[:n].view(b, gamma, -1)[:, :width]
+        base_logits = self.model.compute_draft_logits(
+            hidden.reshape(b * width, -1)).view(b, width, -1)
         temperature = None if sampling_metadata.all_greedy else sampling_metadata.temperature
         block = sample_block(
-            base_logits, hidden.view(b, gamma, -1), next_token_ids,
+            base_logits, hidden, next_token_ids,
             temperature=temperature,
             markov_head=self.model.markov_head,
             confidence_head=self.model.confidence_head,
