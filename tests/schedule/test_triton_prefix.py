@@ -167,6 +167,28 @@ if torch.cuda.is_available():
                     assert dec.decide(c, budget=r) == topk_schedule(c, r, table).lengths.tolist()
 
 
+    @pytest.mark.parametrize("mode", ["causal", "async"])
+    def test_engine_scheduler_on_cuda_matches_cpu_with_narrow_blocks(mode):
+        """The engine's VerificationScheduler on CUDA (graphed kernels, fixed width γ)
+        decides as on CPU (torch) when the proposer drafts narrower blocks
+        (draft_width): the GPU path pads them with survival 0."""
+        from vllm_dspark.engine.verify_schedule import Settings, VerificationScheduler
+
+        table = tables()[2]
+        gen = torch.Generator().manual_seed(3)
+        scheds = {}
+        for dev in ("cpu", "cuda"):
+            sched = VerificationScheduler(Settings(mode, "t", draft_cost=2.0**-7), sps=table)
+            sched.gamma, sched.max_requests = 7, 64
+            scheds[dev] = sched
+        for r, width in [(64, 7), (17, 3), (17, 1), (40, 7), (3, 5)]:
+            c = torch.rand(r, width, generator=gen)
+            got = scheds["cuda"].lengths(c.cuda())
+            assert got == scheds["cpu"].lengths(c)
+            assert max(got) <= width
+        assert scheds["cuda"]._deciders  # the graphed path ran
+
+
 if not RUN_HERE:  # on CPU the interpreter child collects these, not this process
     for _name in [n for n in list(globals()) if n.startswith("test_")]:
         if _name != "test_in_triton_interpreter":
