@@ -31,7 +31,6 @@ ended otherwise) and no earlier accepted draft was an end-of-sequence token.
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -132,7 +131,7 @@ def collect_sequence(target, drafter: DSparkDrafter, ids: torch.Tensor, prompt_l
     ctx = drafter.context(feats)
     cache = out.past_key_values
     stops = torch.tensor(list(stop_ids), dtype=torch.long, device=dev)
-    zs, ss, ms, ps = [], [], [], []
+    zs, ss, ms = [], [], []
     for anchors in anchors_all.split(chunk):
         a = anchors.numel()
         blocks = build_blocks(anchors[None], torch.ones(1, a, dtype=torch.bool, device=dev),

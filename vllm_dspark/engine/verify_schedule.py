@@ -130,12 +130,13 @@ class VerificationScheduler:
     def active(self) -> bool:
         return self.mode != "fixed" and self.sps is not None
 
-    def should_draft(self, requests: int, tokens: int | None) -> bool:
-        """At the start of a step's drafting; ``tokens`` = what the target emitted in the
-        step that just ran, None unless it was a pure decode step (schedule/gate.py)."""
+    def should_draft(self, requests: int, emitted) -> bool:
+        """At the start of a step's drafting. ``emitted()`` gives what the target emitted
+        in the step that just ran, None unless it was a pure decode step
+        (schedule/gate.py); called only when there is a gate (it may synchronise)."""
         if self.gate is None:
             return True
-        return self.gate.step(time.perf_counter(), requests, tokens)
+        return self.gate.step(time.perf_counter(), requests, emitted())
 
     def draft_width(self, gamma: int) -> int:
         """Block positions worth projecting onto the vocabulary this step. With the

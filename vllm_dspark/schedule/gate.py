@@ -25,10 +25,9 @@ from collections import deque
 class DraftCost:
     """Drafting seconds per step as a function of the request count R: the minimum of
     the last ``window`` measurements per R (the first calls of a fresh engine and CPU
-    contention only ever add time, and a mean of them made the gate refuse drafting
-    that paid), or a fixed value (``fixed``, for tests and known setups). An
-    unmeasured R borrows the nearest measured R's time; if that is wrong the gate errs
-    for a step or two until the R has been measured."""
+    contention only ever add time, so a mean would overstate d), or a fixed value
+    (``fixed``, for tests and known setups). An unmeasured R borrows the nearest
+    measured R's time until that R has been measured."""
 
     def __init__(self, fixed: float | None = None, window: int = 8):
         self.fixed = fixed

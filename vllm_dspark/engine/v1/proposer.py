@@ -189,7 +189,7 @@ class DSparkProposer(DFlashProposer):
             return torch.empty(b, 0, dtype=torch.int64, device=self.device)
         sched = self.verify_scheduler
         scheduled = sched is not None and sched.active and self.model.confidence_head is not None
-        if scheduled and not sched.should_draft(b, self._decode_tokens(
+        if scheduled and not sched.should_draft(b, lambda: self._decode_tokens(
                 gamma, target_positions, common_attn_metadata, num_rejected_tokens_gpu)):
             # Drafting cannot pay at this load (schedule/gate.py): verify nothing. The
             # context K/V above are stored, so the next drafted step sees all of it.
