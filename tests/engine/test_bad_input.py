@@ -53,6 +53,9 @@ def test_valid_draft_builds_a_v1_config(targets, draft):
     assert cfg.speculative_config.method == "dspark"
     assert cfg.speculative_config.draft_model_config.architectures == ["Qwen3DSparkModel"]
     assert not cfg.use_v2_model_runner  # CPU: the V1 runner, which upstream refuses for dspark
+    # Our V1 proposer's draft K/V are exact in every full block, so prefix-cache hits
+    # keep their last block (patches.keep_the_last_prefix_block).
+    assert not cfg.speculative_config.use_eagle_block_drop()
 
 
 @pytest.mark.parametrize("edit, message", [

@@ -17,11 +17,15 @@ def test_apply_all_is_idempotent():
 
     patches.apply_all()
     before = (VllmConfig._get_v1_model_runner_unsupported_features,
-              EngineArgs.create_speculative_config, GPUModelRunner.__init__)
+              VllmConfig._validate_v1_model_runner,
+              EngineArgs.create_speculative_config, GPUModelRunner.__init__,
+              GPUModelRunner._prepare_inputs)
     patches._applied = False
     patches.apply_all()
     after = (VllmConfig._get_v1_model_runner_unsupported_features,
-             EngineArgs.create_speculative_config, GPUModelRunner.__init__)
+             VllmConfig._validate_v1_model_runner,
+             EngineArgs.create_speculative_config, GPUModelRunner.__init__,
+             GPUModelRunner._prepare_inputs)
     assert before == after
     assert all(getattr(f, "_dspark", False) for f in after)
 

@@ -94,6 +94,31 @@ def test_sampled_output_follows_the_target_distribution(models_dir, tmp_path, mo
     assert p > 1e-3, p
 
 
+def test_sampling_stays_lossless_when_the_gate_skips_drafting(models_dir, tmp_path):
+    """With the draft gate (VLLM_DSPARK_DRAFT_COST=measure) and a drafter that is never
+    right, most steps verify nothing and run vLLM's plain sampler
+    (patches.sample_plainly_without_drafts); the drafted ones reject and resample from
+    the residual. Both must leave the tokens distributed as the target's."""
+    target, draft = make_oracle_pair(models_dir, "qwen3", corrupt_fraction=1.0, scale=4.0)
+    trace = tmp_path / "trace.jsonl"
+    env = {"VLLM_DSPARK_SCHEDULER": "causal", "VLLM_DSPARK_DRAFT_COST": "measure",
+           "VLLM_DSPARK_SPS": sps_table(tmp_path / "s.json", 1e9)}
+    n_seq, max_tokens = 1600, 8
+    res = run_job({"target": target, "draft": draft, "gamma": GAMMA, "env": env,
+                   "trace": str(trace), "skip_tokenizer_init": True, "max_num_seqs": 64,
+                   "spec_extra": {"draft_sample_method": "probabilistic"},
+                   "batches": [{"prompts": [PROMPT] * (n_seq // 16),
+                                "sampling": {"max_tokens": max_tokens, "temperature": 1.0,
+                                             "n": 16, "ignore_eos": True}}]})
+    decode_steps = res["metrics"]["vllm:spec_decode_num_drafts"]  # per request, all of them
+    drafted_blocks = len(read_trace(str(trace)))
+    assert 0 < drafted_blocks < 0.8 * decode_steps, (drafted_blocks, decode_steps)
+    pairs = transitions(res)
+    assert len(pairs) == n_seq * max_tokens
+    p = chi_square_p_value(pairs, torch.softmax(bigram_logits(target), -1))
+    assert p > 1e-3, p
+
+
 def test_profile_mode_measures_and_caches_sps(corrupted_oracle_pair, greedy_baseline,
                                               tmp_path):
     target, draft = corrupted_oracle_pair

@@ -77,6 +77,7 @@ def test_each_request_count_learns_its_own_answer():
     assert decisions[:6] == [True, False] * 3  # alternates, whatever R = 1 says
     assert sum(decisions[6:]) <= 4
     # past 16 requests, quarter octaves share their samples: 40 and 41 are one bucket
+    gate = DraftGate(min_samples=3)
     assert gate.step(0.0, 40, None) is True
     gate.step(0.010, 41, 41)
     assert gate.rates(40) == gate.rates(41) == (pytest.approx(4100.0), None)
@@ -91,3 +92,40 @@ def test_steps_that_are_not_pure_decode_or_change_the_batch_are_not_samples():
     assert gate.rates(5) == (pytest.approx(500.0), None)
     assert gate.step(2.014, 5, 5) is False  # plain: 5 in 4 ms beats 5 in 10 ms
     assert gate.rates(5) == (pytest.approx(500.0), pytest.approx(1250.0))
+
+
+def test_an_unmeasured_request_count_follows_the_monotone_answer():
+    """Drafting gains less as R grows: an R not yet measured skips from the start when a
+    smaller R skips, drafts when a larger one drafts, and explores until it has its own
+    samples; with no such evidence, or contradicting evidence, it alternates."""
+    gate = DraftGate(min_samples=3, explore_min=8, explore_max=256)
+    run(gate, 60, 4, draft_loses, plain)
+    assert gate.rates(4)[0] < gate.rates(4)[1]
+    decisions, _ = run(gate, 200, 16, draft_loses, plain)  # R = 16: never seen
+    assert decisions[:7] == [False] * 7  # no alternation (R = 4 skips); explores at 8
+    assert 2 <= sum(decisions) <= 4  # explorations only
+    decisions, _ = run(gate, 20, 2, draft_pays, plain)  # smaller than 4: no evidence
+    assert decisions[:6] == [True, False] * 3
+    gate = DraftGate(min_samples=3)
+    run(gate, 60, 8, draft_pays, plain)
+    assert run(gate, 6, 2, draft_pays, plain)[0] == [True] * 6  # R = 8 drafts: so does 2
+    gate = DraftGate(min_samples=3)  # R = 1 skips and R = 8 drafts: a contradiction
+    run(gate, 60, 1, draft_loses, plain)
+    run(gate, 120, 8, draft_pays, plain)  # starts from R = 1's skip; its samples overrule
+    assert gate.rates(8)[0] > gate.rates(8)[1]
+    assert run(gate, 4, 4, draft_pays, plain)[0] == [True, False, True, False]
+
+
+def test_explorations_cost_at_most_the_budget():
+    """Intervals between explorations at least double while the answer holds, and are
+    long enough that the explored steps cost at most ``budget`` of the throughput."""
+    def explorations(drafted_step, budget):
+        gate = DraftGate(min_samples=3, explore_min=8, explore_max=256, budget=budget)
+        decisions, _ = run(gate, 1000, 16, drafted_step, plain)
+        return sum(decisions[6:])  # after the 3 + 3 learning steps
+
+    # 3× as slow per token: 2 steps lost per try, 1 % budget → every 200, then 256
+    assert explorations(lambda r: (r, 0.030), 0.01) == 5  # at 8, 208, 464, 720, 976
+    # 10 % slower (0.1 step per try): doubling dominates: 8, 24, 56, 120, 248, 504, 760
+    assert explorations(lambda r: (r, 0.011), 0.01) == 7
+    assert explorations(lambda r: (r, 0.030), 1.0) == 7  # a loose budget: doubling only

@@ -25,8 +25,10 @@ def apply_all() -> None:
     allow_dspark_on_v1_runner()
     validate_draft_at_startup()
     install_v1_proposer()
+    keep_the_last_prefix_block()
     install_verification_scheduler()
     count_unverified_decode_steps()
+    sample_plainly_without_drafts()
     fix_cpu_expand_kernel()
     _applied = True
 
@@ -129,6 +131,32 @@ def install_v1_proposer() -> None:
     GPUModelRunner.__init__ = patched
 
 
+def keep_the_last_prefix_block() -> None:
+    """vLLM drops the last block of every prefix-cache hit for EAGLE-like methods (dspark
+    included): EAGLE's draft K/V at position i needs token i+1, so the block ending a
+    chunk holds a guess. Our V1 proposer's draft K/V at position i is a function of the
+    target's hidden state at i alone, written in the same step as the target's own K/V
+    and overwritten wherever the target's is (engine/v1/proposer.py), so a block the
+    target may reuse holds exact draft K/V too. Keep it on the V1 runner: each hit then
+    recomputes one block less per request (a 128-token block on CPU).
+    tests/engine/test_greedy.py checks drafts after such hits against the reference."""
+    from vllm.config import VllmConfig
+
+    original = VllmConfig._validate_v1_model_runner
+    if getattr(original, "_dspark", False):
+        return
+
+    @functools.wraps(original)
+    def patched(self):
+        original(self)
+        spec = self.speculative_config
+        if spec is not None and spec.method == "dspark":
+            spec.disable_eagle_block_drop = True
+
+    patched._dspark = True
+    VllmConfig._validate_v1_model_runner = patched
+
+
 def install_verification_scheduler() -> None:
     """After the worker's warm-up (KV cache allocated, graphs compiled), give the DSpark
     proposer its verification scheduler; profiling SPS needs the warmed-up runner."""
@@ -211,6 +239,33 @@ def count_unverified_decode_steps() -> None:
 
     patched._dspark = True
     Scheduler.update_from_output = patched
+
+
+def sample_plainly_without_drafts() -> None:
+    """The V1 runner builds spec-decode metadata whenever speculation is configured, so a
+    step in which no request verifies a draft (the draft gate skipped drafting, or every
+    request is prefilling) still runs the rejection sampler: ~1 ms more per step than
+    the plain sampler on CPU at 16 requests. For dspark, hand such a step to the plain
+    sampler, as vLLM does without speculation. Both sample the target's distribution
+    (with zero drafts the rejection sampler emits only the bonus token); the drafter's
+    inputs are the same (all scheduled tokens, none rejected)."""
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    original = GPUModelRunner._prepare_inputs
+    if getattr(original, "_dspark", False):
+        return
+
+    @functools.wraps(original)
+    def patched(self, scheduler_output, num_scheduled_tokens):
+        logits_indices, meta, max_sampled = original(self, scheduler_output,
+                                                     num_scheduled_tokens)
+        if (meta is not None and self.speculative_config.method == "dspark"
+                and not any(meta.num_draft_tokens)):
+            meta = None  # logits_indices are already each request's last token
+        return logits_indices, meta, max_sampled
+
+    patched._dspark = True
+    GPUModelRunner._prepare_inputs = patched
 
 
 def _expand_kernel_impl(output, input_val, cu_num_tokens, replace_from, replace_to,

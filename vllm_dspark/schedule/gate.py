@@ -59,12 +59,22 @@ class DraftGate:
     emitted are one sample of the choice made the step before, filed under the request
     count R (exact up to 16, quarter octaves above). Per R the gate keeps the recent
     ``window`` samples of each choice and follows the one with the higher tokens/s
-    (Σ tokens / Σ seconds). It tries the other one now and then — every
-    ``explore_min`` steps, doubling up to ``explore_max`` while the answer stays the
-    same — so a change of workload is noticed. Until both choices have ``min_samples``
-    samples at an R, it alternates between them (drafting first): a few slow steps
-    per request count once, rather than guessing from another R (with 1 → 4
-    requests on the CPU sweep, following R = 1's answer cost most of a batch).
+    (Σ tokens / Σ seconds). It tries the other one now and then, so that a change of
+    workload is noticed: first after ``explore_min`` steps; while the answer holds the
+    interval at least doubles, up to ``explore_max``, and is long enough that the
+    explored steps cost at most ``budget`` of the throughput (an explored step costs
+    rate_best / rate_other - 1 steps: drafting at 16 requests on the CPU, ~1.8× as slow,
+    is retried only every 80+ steps).
+
+    An R without ``min_samples`` samples of both choices follows a measured R where
+    the answer carries over: drafting gains less the more requests share a step (the
+    target grows compute bound and verification costs more), so it skips when a
+    smaller R skips and drafts when a larger R drafts, and explores as above until it
+    has its own samples (alternating as soon as those favour the other choice).
+    Otherwise it alternates between the choices (drafting first):
+    a few slow steps per request count once. It never copies the other direction:
+    with 1 → 4 requests on the CPU sweep, following R = 1's "draft" cost most of a
+    batch.
 
     Measuring instead of predicting: a prediction from the calibrated survival
     products and the SPS table (this gate's first version) refused drafting that paid
@@ -73,11 +83,12 @@ class DraftGate:
     """
 
     def __init__(self, window: int = 16, min_samples: int = 3, explore_min: int = 8,
-                 explore_max: int = 256):
+                 explore_max: int = 256, budget: float = 0.01):
         self.window = window
         self.min_samples = min_samples
         self.explore_min = explore_min
         self.explore_max = explore_max
+        self.budget = budget
         self._buckets: dict[int, _Bucket] = {}
         self._last: tuple[float, int, bool] | None = None  # (time, R, drafted)
         self.drafted_steps = 0
@@ -113,22 +124,42 @@ class DraftGate:
 
     def _record(self, requests: int, drafted: bool, tokens: int, seconds: float) -> None:
         b = self._bucket(requests)
-        before = b.best(self.min_samples)
+        before = b.choice
         b.samples[drafted].append((tokens, seconds))
         if before is not None and drafted != before:  # an exploration came back
-            same = b.best(self.min_samples) == before
-            b.interval = min(2 * b.interval, self.explore_max) if same else self.explore_min
+            after = b.best(self.min_samples)  # None: too few of its own samples yet
+            if after == before or (after is None and not b.contradicts(before)):
+                best, other = b.rate(before), b.rate(not before)
+                cost = best / other - 1 if best and other else 0.0  # steps lost per try
+                b.interval = min(max(2 * b.interval, math.ceil(cost / self.budget)),
+                                 self.explore_max)
+            else:
+                b.interval = self.explore_min
 
     def _decide(self, requests: int) -> bool:
+        key = _bucket_key(requests)
         b = self._bucket(requests)
         best = b.best(self.min_samples)
-        if best is None:  # still learning this R: alternate, drafting first
+        if best is None:
+            best = self._carried_over(key)
+            if best is not None and b.contradicts(best):
+                best = None  # its own first samples disagree: measure it properly
+        b.choice = best
+        if best is None:  # nothing to go on at this R: alternate, drafting first
             return len(b.samples[True]) <= len(b.samples[False])
         b.since += 1
         if b.since >= b.interval:
             b.since = 0
             return not best
         return best
+
+    def _carried_over(self, key: int) -> bool | None:
+        """Skip if a smaller measured R skips, draft if a larger one drafts; None when
+        neither holds, or both do (the measurements disagree with the monotone rule)."""
+        answers = {other.best(self.min_samples) for k, other in self._buckets.items()
+                   if (k < key and other.best(self.min_samples) is False)
+                   or (k > key and other.best(self.min_samples) is True)}
+        return answers.pop() if len(answers) == 1 else None
 
 
 def _bucket_key(requests: int) -> int:
@@ -142,11 +173,17 @@ class _Bucket:
         self.samples = {True: deque(maxlen=window), False: deque(maxlen=window)}
         self.interval = interval  # steps between explorations of the other choice
         self.since = 0
+        self.choice: bool | None = None  # what the last decision followed (None: alternating)
 
     def rate(self, drafted: bool) -> float | None:
         s = self.samples[drafted]
         seconds = sum(t for _, t in s)
         return sum(n for n, _ in s) / seconds if s and seconds > 0 else None
+
+    def contradicts(self, choice: bool) -> bool:
+        """Whether the samples so far, however few, favour the other choice."""
+        mine, other = self.rate(choice), self.rate(not choice)
+        return mine is not None and other is not None and other > mine
 
     def best(self, min_samples: int) -> bool | None:
         """Drafting (True) or not (False), once both have ``min_samples`` samples."""

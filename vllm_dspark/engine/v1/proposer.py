@@ -16,6 +16,13 @@ One round, per request r whose last accepted token sits at position p-1:
 
 The draft KV lives in the target's blocks (same block table), so prefix-cache
 hits, preemption + recompute and chunked prefill keep it consistent for free.
+
+When the draft gate skips drafting (schedule/gate.py), step 1 is deferred: the
+step's hidden states, positions and slots are queued and written, in order, before
+the next drafted step reads the cache (or once the queue holds a step's worth of
+tokens). Every write to the draft cache goes through that queue or follows it, so
+each slot ends with its latest write, whichever request owns it by then; a skipped
+step costs a copy instead of a projection (~2 ms at 16 requests on 2 CPU cores).
 """
 
 from __future__ import annotations
@@ -73,6 +80,9 @@ class DSparkProposer(DFlashProposer):
         # Per-round outputs kept for the scheduler and metrics.
         self.last_confidence: torch.Tensor | None = None
         self.last_lengths: list[int] | None = None
+        # Context (hidden states, positions, slots) of skipped steps, not yet stored.
+        self._deferred: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self._deferred_tokens = 0
         # Set after warm-up (engine/patches.py: install_verification_scheduler).
         self.verify_scheduler = None
 
@@ -115,6 +125,24 @@ class DSparkProposer(DFlashProposer):
         self._context_positions_buffer[:num_ctx] = ctx_pos
         self._context_slot_mapping_buffer[:num_ctx] = self._slots(cad, ctx_req, ctx_pos)
         return num_ctx
+
+    def _store_context(self, hidden: torch.Tensor, num_ctx: int, defer: bool) -> None:
+        """Write this step's context K/V into the draft cache, after any deferred steps'
+        (in step order: a slot freed and reallocated meanwhile ends with its new
+        owner's write). ``defer``: queue them instead, up to a step's worth of tokens."""
+        pos = self._context_positions_buffer[:num_ctx]
+        slots = self._context_slot_mapping_buffer[:num_ctx]
+        if defer and self._deferred_tokens + num_ctx <= self.max_num_tokens:
+            # Copies: the buffers are rewritten next step.
+            self._deferred.append((hidden.clone(), pos.clone(), slots.clone()))
+            self._deferred_tokens += num_ctx
+            return
+        if self._deferred:
+            parts = self._deferred + [(hidden, pos, slots)]
+            hidden, pos, slots = (torch.cat([p[i] for p in parts]) for i in range(3))
+            self._deferred, self._deferred_tokens = [], 0
+        # Outside any graph: the context length varies step to step.
+        self.model.precompute_and_store_context_kv(self._context_states(hidden), pos, slots)
 
     def _prepare_block(
         self,
@@ -178,21 +206,16 @@ class DSparkProposer(DFlashProposer):
         self._last_draft_probs = None
         self.last_confidence = None
         b = common_attn_metadata.batch_size()
-        ctx_states = self._context_states(target_hidden_states)
-        num_ctx = self._prepare_context(target_positions, common_attn_metadata)
-        # Context K/V go straight into the draft cache (outside any graph).
-        self.model.precompute_and_store_context_kv(
-            ctx_states, self._context_positions_buffer[:num_ctx],
-            self._context_slot_mapping_buffer[:num_ctx],
-        )
-        if gamma == 0:  # nothing to draft; the context cache is in sync
-            return torch.empty(b, 0, dtype=torch.int64, device=self.device)
         sched = self.verify_scheduler
         scheduled = sched is not None and sched.active and self.model.confidence_head is not None
-        if scheduled and not sched.should_draft(b, lambda: self._decode_tokens(
-                gamma, target_positions, common_attn_metadata, num_rejected_tokens_gpu)):
-            # Drafting cannot pay at this load (schedule/gate.py): verify nothing. The
-            # context K/V above are stored, so the next drafted step sees all of it.
+        # Drafting cannot pay at this load (schedule/gate.py): verify nothing.
+        skip = gamma > 0 and scheduled and not sched.should_draft(b, lambda: self._decode_tokens(
+            gamma, target_positions, common_attn_metadata, num_rejected_tokens_gpu))
+        num_ctx = self._prepare_context(target_positions, common_attn_metadata)
+        self._store_context(target_hidden_states[:num_ctx], num_ctx, defer=gamma == 0 or skip)
+        if gamma == 0:  # nothing to draft
+            return torch.empty(b, 0, dtype=torch.int64, device=self.device)
+        if skip:
             self.last_lengths = [0] * b
             return [[] for _ in range(b)]
         if scheduled and self.device.type == "cuda":
@@ -260,6 +283,6 @@ class DSparkProposer(DFlashProposer):
         with open(self._trace_path, "a") as f:
             for i in range(b):
                 f.write(json.dumps({"req": req_ids[i], "anchor_pos": anchor_pos[i],
-                                    "anchor": int(self.input_ids[i * gamma]),
+                                    "anchor": int(self.input_ids[i * gamma]), "gamma": gamma,
                                     "drafts": block.tokens[i].tolist(),
                                     "confidence": conf[i], "verify": lengths[i]}) + "\n")
