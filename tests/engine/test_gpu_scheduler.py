@@ -60,3 +60,55 @@ def test_graphed_decider_in_a_served_gpu_engine(corrupted_oracle_pair, tmp_path,
         profiled = SPSTable.load(path)
         assert profiled.device_name == torch.cuda.get_device_name()
         assert profiled.max_capture_size is not None  # graphs: a step function over sizes
+
+
+def _greedy_jobs(targets, drafter_factory, tmp_path, env):
+    """test_greedy's job (chunked prefill, prefix hits) on the GPU: baseline tokens,
+    result and trace of the dspark engine."""
+    from test_greedy import job
+
+    gpu = {"async_scheduling": False, "gpu_memory_utilization": 0.3}
+    base = job(targets["qwen3"])
+    base["env"] = V1
+    base["llm_kwargs"].update(gpu)
+    draft = drafter_factory("qwen3", "gated", block_size=7)
+    trace = str(tmp_path / "trace.jsonl")
+    spec = job(targets["qwen3"], draft, 3, trace, dict(V1, **env))
+    spec["llm_kwargs"].update(gpu)
+    return tokens(run_job(base)), run_job(spec), draft, trace
+
+
+def test_draft_gate_on_cuda_skips_and_keeps_output(targets, drafter_factory, tmp_path):
+    """The draft gate on CUDA: skipped steps queue the drafter's context K/V on the GPU
+    and take vLLM's plain sampler, drafted steps write the queue first; greedy output
+    must stay the target's."""
+    import json
+
+    from harness import read_trace
+
+    sps = tmp_path / "sps.json"
+    json.dump({"format": "vllm-dspark-sps/1", "batch_sizes": [1, 512],
+               "steps_per_s": [100.0, 100.0],
+               "meta": {"model": "tiny", "dtype": "float32", "device_name": "test",
+                        "vllm_version": "0.32.0"}}, open(sps, "w"))
+    env = {"VLLM_DSPARK_SCHEDULER": "causal", "VLLM_DSPARK_DRAFT_COST": "measure",
+           "VLLM_DSPARK_SPS": str(sps)}
+    want, result, _, trace = _greedy_jobs(targets, drafter_factory, tmp_path, env)
+    assert tokens(result) == want
+    drafted, decode_steps = len(read_trace(trace)), result["metrics"]["vllm:spec_decode_num_drafts"]
+    assert 20 < drafted < 0.9 * decode_steps, (drafted, decode_steps)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "Known GPU defect (found 2026-11-23 on an H100): the V1 engine's drafts on CUDA "
+    "differ from the reference drafter's (15-24 % of positions agree, confidences off by "
+    "~0.1, already at the first block with γ = 1 and for Llama targets too; TF32 off "
+    "changes nothing), while on CPU ≥ 97 % agree. Output stays lossless; acceptance on "
+    "GPU may be below what the drafter can do. Remove this mark when it is fixed."))
+def test_drafts_on_cuda_match_the_reference(targets, drafter_factory, tmp_path):
+    from test_greedy import check_against_reference
+
+    want, result, draft, trace = _greedy_jobs(targets, drafter_factory, tmp_path,
+                                              {"VLLM_DSPARK_SCHEDULER": "fixed"})
+    assert tokens(result) == want
+    check_against_reference(targets["qwen3"], draft, result, trace)
