@@ -82,17 +82,11 @@ def test_draft_gate_on_cuda_skips_and_keeps_output(targets, drafter_factory, tmp
     """The draft gate on CUDA: skipped steps queue the drafter's context K/V on the GPU
     and take vLLM's plain sampler, drafted steps write the queue first; greedy output
     must stay the target's."""
-    import json
-
     from harness import read_trace
+    from test_scheduler import sps_table
 
-    sps = tmp_path / "sps.json"
-    json.dump({"format": "vllm-dspark-sps/1", "batch_sizes": [1, 512],
-               "steps_per_s": [100.0, 100.0],
-               "meta": {"model": "tiny", "dtype": "float32", "device_name": "test",
-                        "vllm_version": "0.32.0"}}, open(sps, "w"))
     env = {"VLLM_DSPARK_SCHEDULER": "causal", "VLLM_DSPARK_DRAFT_COST": "measure",
-           "VLLM_DSPARK_SPS": str(sps)}
+           "VLLM_DSPARK_SPS": sps_table(tmp_path / "sps.json", 1e9)}  # flat: verify all
     want, result, _, trace = _greedy_jobs(targets, drafter_factory, tmp_path, env)
     assert tokens(result) == want
     drafted, decode_steps = len(read_trace(trace)), result["metrics"]["vllm:spec_decode_num_drafts"]

@@ -10,7 +10,6 @@ states for the same context, so the vLLM backbone, context KV bookkeeping and
 the sequential heads are checked against the reference at once.
 """
 
-import json
 import os
 
 import pytest
@@ -135,13 +134,10 @@ def test_drafts_after_skipped_steps_match_the_reference(targets, drafter_factory
     follow skipped steps, across chunked prefill and prefix hits, must still be the
     reference drafter's."""
     draft = drafter_factory("qwen3", "gated", block_size=7)
-    sps = tmp_path / "sps.json"
-    json.dump({"format": "vllm-dspark-sps/1", "batch_sizes": [1, 512],
-               "steps_per_s": [100.0, 100.0],
-               "meta": {"model": "tiny", "dtype": "float32", "device_name": "test",
-                        "vllm_version": "0.32.0"}}, open(sps, "w"))
+    from test_scheduler import sps_table
+
     env = {"VLLM_DSPARK_SCHEDULER": "causal", "VLLM_DSPARK_DRAFT_COST": "measure",
-           "VLLM_DSPARK_SPS": str(sps)}
+           "VLLM_DSPARK_SPS": sps_table(tmp_path / "sps.json", 1e9)}  # flat: verify all
     trace = str(tmp_path / "trace.jsonl")
     result = run_job(job(targets["qwen3"], draft, 3, trace, env))
     assert tokens(result) == tokens(baselines["qwen3"])
