@@ -156,9 +156,11 @@ class DraftGate:
     def _carried_over(self, key: int) -> bool | None:
         """Skip if a smaller measured R skips, draft if a larger one drafts; None when
         neither holds, or both do (the measurements disagree with the monotone rule)."""
-        answers = {other.best(self.min_samples) for k, other in self._buckets.items()
-                   if (k < key and other.best(self.min_samples) is False)
-                   or (k > key and other.best(self.min_samples) is True)}
+        answers = set()
+        for k, other in self._buckets.items():
+            best = other.best(self.min_samples)
+            if (k < key and best is False) or (k > key and best is True):
+                answers.add(best)
         return answers.pop() if len(answers) == 1 else None
 
 

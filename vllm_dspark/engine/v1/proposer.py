@@ -126,10 +126,12 @@ class DSparkProposer(DFlashProposer):
         self._context_slot_mapping_buffer[:num_ctx] = self._slots(cad, ctx_req, ctx_pos)
         return num_ctx
 
-    def _store_context(self, hidden: torch.Tensor, num_ctx: int, defer: bool) -> None:
-        """Write this step's context K/V into the draft cache, after any deferred steps'
+    def _store_context(self, hidden: torch.Tensor, defer: bool) -> None:
+        """Write this step's context K/V (``hidden``: one row per position that
+        ``_prepare_context`` laid out) into the draft cache, after any deferred steps'
         (in step order: a slot freed and reallocated meanwhile ends with its new
         owner's write). ``defer``: queue them instead, up to a step's worth of tokens."""
+        num_ctx = hidden.shape[0]
         pos = self._context_positions_buffer[:num_ctx]
         slots = self._context_slot_mapping_buffer[:num_ctx]
         if defer and self._deferred_tokens + num_ctx <= self.max_num_tokens:
@@ -212,7 +214,7 @@ class DSparkProposer(DFlashProposer):
         skip = gamma > 0 and scheduled and not sched.should_draft(b, lambda: self._decode_tokens(
             gamma, target_positions, common_attn_metadata, num_rejected_tokens_gpu))
         num_ctx = self._prepare_context(target_positions, common_attn_metadata)
-        self._store_context(target_hidden_states[:num_ctx], num_ctx, defer=gamma == 0 or skip)
+        self._store_context(target_hidden_states[:num_ctx], defer=gamma == 0 or skip)
         if gamma == 0:  # nothing to draft
             return torch.empty(b, 0, dtype=torch.int64, device=self.device)
         if skip:
