@@ -11,6 +11,7 @@ pytestmark = requires_vllm
 def test_apply_all_is_idempotent():
     from vllm.config import VllmConfig
     from vllm.engine.arg_utils import EngineArgs
+    from vllm.model_executor.models.interfaces import EagleModelMixin
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     from vllm_dspark.engine import patches
@@ -19,13 +20,13 @@ def test_apply_all_is_idempotent():
     before = (VllmConfig._get_v1_model_runner_unsupported_features,
               VllmConfig._validate_v1_model_runner,
               EngineArgs.create_speculative_config, GPUModelRunner.__init__,
-              GPUModelRunner._prepare_inputs)
+              GPUModelRunner._prepare_inputs, EagleModelMixin._maybe_add_hidden_state)
     patches._applied = False
     patches.apply_all()
     after = (VllmConfig._get_v1_model_runner_unsupported_features,
              VllmConfig._validate_v1_model_runner,
              EngineArgs.create_speculative_config, GPUModelRunner.__init__,
-             GPUModelRunner._prepare_inputs)
+             GPUModelRunner._prepare_inputs, EagleModelMixin._maybe_add_hidden_state)
     assert before == after
     assert all(getattr(f, "_dspark", False) for f in after)
 
@@ -38,6 +39,31 @@ def test_draft_architecture_is_ours():
     apply_all()
     cls = ModelRegistry._try_load_model_cls("Qwen3DSparkModel")
     assert cls.__name__ == "DSparkForCausalLM"
+
+
+def test_the_embedding_state_is_captured_as_a_copy():
+    """On CUDA, layer 0's fused add + RMSNorm updates its residual (the embedding tensor)
+    in place; the captured aux state must not see that."""
+    from vllm.model_executor.models.interfaces import EagleModelMixin
+
+    from vllm_dspark.engine.patches import apply_all
+
+    apply_all()
+    model = EagleModelMixin()
+    model.aux_hidden_state_layers = (0, 2)
+    embeddings, residual = torch.ones(3, 4), torch.zeros(3, 4)
+    captured = []
+    model._maybe_add_hidden_state(captured, 0, embeddings, None)  # the embeddings
+    model._maybe_add_hidden_state(captured, 1, embeddings, residual)  # not captured
+    model._maybe_add_hidden_state(captured, 2, embeddings, residual)
+    embeddings.add_(5.0)  # what the in-place fused add does to layer 0's residual
+    assert len(captured) == 2
+    torch.testing.assert_close(captured[0], torch.ones(3, 4))
+    torch.testing.assert_close(captured[1], torch.ones(3, 4))
+    # Unpatched, the capture is the live tensor (what the GPU test caught).
+    aliased = []
+    EagleModelMixin._maybe_add_hidden_state.__wrapped__(model, aliased, 0, embeddings, None)
+    assert aliased[0] is embeddings
 
 
 def test_expand_kernel_twin_writes_float_outputs():

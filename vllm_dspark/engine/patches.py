@@ -26,6 +26,7 @@ def apply_all() -> None:
     validate_draft_at_startup()
     install_v1_proposer()
     keep_the_last_prefix_block()
+    copy_the_embedding_state()
     install_verification_scheduler()
     count_unverified_decode_steps()
     sample_plainly_without_drafts()
@@ -155,6 +156,29 @@ def keep_the_last_prefix_block() -> None:
 
     patched._dspark = True
     VllmConfig._validate_v1_model_runner = patched
+
+
+def copy_the_embedding_state() -> None:
+    """A draft layer id of -1 reads the target's embeddings (aux state 0). vLLM's Llama
+    and Qwen targets capture that state as the embedding tensor itself, which layer 0
+    then keeps as its residual; on CUDA every fused add + RMSNorm updates the residual
+    in place, so by the step's end the captured "embeddings" hold the last layer's
+    residual stream (the CPU's native norm is out of place, which hid it). Capture a
+    copy instead: one [tokens, hidden] copy per step, and only when layer 0 is captured."""
+    from vllm.model_executor.models.interfaces import EagleModelMixin
+
+    original = EagleModelMixin._maybe_add_hidden_state
+    if getattr(original, "_dspark", False):
+        return
+
+    @functools.wraps(original)
+    def patched(self, aux_hidden_states, layer_idx, hidden_states, residual):
+        if residual is None and layer_idx in self.aux_hidden_state_layers:
+            hidden_states = hidden_states.clone()
+        return original(self, aux_hidden_states, layer_idx, hidden_states, residual)
+
+    patched._dspark = True
+    EagleModelMixin._maybe_add_hidden_state = patched
 
 
 def install_verification_scheduler() -> None:
