@@ -3,7 +3,8 @@
     python benchmarks/scheduler_sweep.py --target T --draft D --prompts gsm8k.jsonl \
         --concurrency 1 4 16 --out benchmarks/results/scheduler_sweep_cpu.json
 
-One engine per configuration (its own process): ``plain`` (no speculation), ``fixed``
+One engine per configuration, each in its own process and all alive at once:
+``plain`` (no speculation), ``fixed``
 (VLLM_DSPARK_SCHEDULER=fixed, every step verifies γ drafts), ``causal`` (the default,
 VLLM_DSPARK_DRAFT_COST=measure: Algorithm 1 on the SPS table profiled at start-up plus
 the measured drafting time, with the draft gate), ``causal-paper`` (Algorithm 1
@@ -12,7 +13,11 @@ each concurrency C, C chat prompts are submitted at once (greedy, ``--max-tokens
 and we record output tokens/s, the mean number of draft tokens verified per request per
 step (vLLM's num_draft_tokens / num_drafts, which counts steps that verified nothing
 too: engine/patches.py) and the acceptance rate, all from counter differences around
-that batch. ``--repeats`` runs each batch n times.
+that batch. ``--repeats`` runs each batch n times. Batches run one at a time and
+interleaved: for each C and repeat every engine runs its batch in turn (the order
+rotated per repeat), so a drift of the machine's speed affects every configuration
+alike; the summary prints each mode's median and its median ratio to ``plain`` over
+the repeats (paired by repeat).
 """
 
 from __future__ import annotations
@@ -24,7 +29,6 @@ import platform
 import subprocess
 import sys
 import tempfile
-import time
 
 ENGINE = r'''
 import json, os, sys, time
@@ -48,8 +52,9 @@ if __name__ == "__main__":
     params = SamplingParams(temperature=0.0, max_tokens=job["max_tokens"])
     chats = [[{"role": "user", "content": p}] for p in job["prompts"]]
     llm.chat(chats[:1], params, use_tqdm=False)  # warm-up
-    rows = []
-    for c in [c for c in job["concurrency"] for _ in range(job["repeats"])]:
+    print(json.dumps({"startup_s": startup}), flush=True)
+    for line in sys.stdin:  # one batch per line: its concurrency; the driver interleaves
+        c = int(line)
         before = counters(llm)
         t0 = time.perf_counter()
         outs = llm.chat(chats[:c], params, use_tqdm=False)
@@ -57,14 +62,21 @@ if __name__ == "__main__":
         after = counters(llm)
         d = {k: after[k] - before[k] for k in after}
         n = sum(len(o.outputs[0].token_ids) for o in outs)
-        rows.append(dict(concurrency=c, tokens=n, seconds=dt, tokens_per_s=n / dt,
-                         verified_per_request_step=(d["num_draft_tokens"] / d["num_drafts"]
-                                                    if d["num_drafts"] else 0.0),
-                         acceptance_rate=(d["num_accepted_tokens"] / d["num_draft_tokens"]
-                                          if d["num_draft_tokens"] else None),
-                         steps_with_drafts=d["num_drafts"], **d))
-    json.dump({"startup_s": startup, "rows": rows}, open(sys.argv[2], "w"))
+        print(json.dumps(dict(concurrency=c, tokens=n, seconds=dt, tokens_per_s=n / dt,
+                              verified_per_request_step=(d["num_draft_tokens"] / d["num_drafts"]
+                                                         if d["num_drafts"] else 0.0),
+                              acceptance_rate=(d["num_accepted_tokens"] / d["num_draft_tokens"]
+                                               if d["num_draft_tokens"] else None),
+                              steps_with_drafts=d["num_drafts"], **d)), flush=True)
 '''
+
+
+def _read_json_line(proc) -> dict:
+    """The engine's next JSON line on stdout (vLLM logs go to stderr)."""
+    for line in proc.stdout:
+        if line.startswith("{"):
+            return json.loads(line)
+    raise RuntimeError(f"engine exited with {proc.wait()}")
 
 
 MODE_ENV = {
@@ -102,22 +114,39 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         script = os.path.join(tmp, "engine.py")
         open(script, "w").write(ENGINE)
-        for mode in args.modes:
-            env = engine_env({"VLLM_CPU_KVCACHE_SPACE": "2"})
-            if MODE_ENV[mode] is not None:
-                env.update(MODE_ENV[mode], VLLM_DSPARK_SPS=args.sps)
-            job = dict(target=args.target, draft=args.draft, mode=mode, env=env,
-                       gamma=args.gamma, prompts=prompts, concurrency=args.concurrency,
-                       repeats=args.repeats,
-                       max_tokens=args.max_tokens, dtype=engine_dtype("auto"),
-                       eager=not on_gpu)
-            jp, op = os.path.join(tmp, "job.json"), os.path.join(tmp, f"{mode}.json")
-            json.dump(job, open(jp, "w"))
-            t0 = time.time()
-            subprocess.run([sys.executable, script, jp, op], check=True,
-                           env=dict(os.environ, **env))
-            results[mode] = json.load(open(op))
-            print(f"{mode}: done in {time.time() - t0:.0f}s", file=sys.stderr)
+        engines = {}
+        try:
+            for mode in args.modes:  # started one after another, all kept alive
+                env = engine_env({"VLLM_CPU_KVCACHE_SPACE": "2"})
+                if MODE_ENV[mode] is not None:
+                    env.update(MODE_ENV[mode], VLLM_DSPARK_SPS=args.sps)
+                job = dict(target=args.target, draft=args.draft, mode=mode, env=env,
+                           gamma=args.gamma, prompts=prompts, concurrency=args.concurrency,
+                           max_tokens=args.max_tokens, dtype=engine_dtype("auto"),
+                           eager=not on_gpu)
+                jp = os.path.join(tmp, f"{mode}.json")
+                json.dump(job, open(jp, "w"))
+                proc = subprocess.Popen([sys.executable, script, jp], text=True,
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        env=dict(os.environ, **env))
+                engines[mode] = proc
+                results[mode] = dict(_read_json_line(proc), rows=[])
+                print(f"{mode}: started in {results[mode]['startup_s']:.0f}s", file=sys.stderr)
+            # One batch at a time; each repeat runs every mode once, in an order rotated
+            # per repeat, so slow drifts of the machine hit all modes alike.
+            for c in args.concurrency:
+                for rep in range(args.repeats):
+                    k = rep % len(args.modes)
+                    for mode in args.modes[k:] + args.modes[:k]:
+                        proc = engines[mode]
+                        proc.stdin.write(f"{c}\n")
+                        proc.stdin.flush()
+                        results[mode]["rows"].append(dict(_read_json_line(proc), repeat=rep))
+                print(f"C={c}: done", file=sys.stderr)
+        finally:
+            for proc in engines.values():
+                proc.stdin.close()
+                proc.wait(timeout=120)
     out = dict(command=" ".join([sys.executable] + sys.argv), target=args.target,
                draft=args.draft, gamma=args.gamma, max_tokens=args.max_tokens,
                machine=dict(platform=platform.platform(), cpus=os.cpu_count(),
@@ -126,14 +155,29 @@ def main() -> None:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     json.dump(out, open(args.out, "w"), indent=1)
     print(f"{'C':>4} " + " ".join(f"{m + ' tok/s':>18}" for m in args.modes)
-          + "   verified/req/step")
+          + "   verified/req/step"
+          + ("   median ratio to plain" if "plain" in args.modes else ""))
     for c in args.concurrency:
         rows = {m: [r for r in results[m]["rows"] if r["concurrency"] == c] for m in args.modes}
         tps = {m: sorted(r["tokens_per_s"] for r in rs) for m, rs in rows.items()}
         ver = [f"{sum(r['verified_per_request_step'] for r in rs) / len(rs):.2f}"
                for m, rs in rows.items() if m != "plain"]
-        print(f"{c:>4} " + " ".join(f"{v[len(v) // 2]:18.1f}" for v in tps.values()) + "   "
-              + ", ".join(ver))
+        line = (f"{c:>4} " + " ".join(f"{v[len(v) // 2]:18.1f}" for v in tps.values()) + "   "
+                + ", ".join(ver))
+        if "plain" in rows:
+            ratios = []
+            for m, rs in rows.items():
+                if m != "plain":
+                    paired = [r["tokens_per_s"] / p["tokens_per_s"]
+                              for r, p in zip(rs, rows["plain"])]
+                    ratios.append(f"{m} {_median(paired):.3f}")
+            line += "   " + ", ".join(ratios)
+        print(line)
+
+
+def _median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    return (xs[(len(xs) - 1) // 2] + xs[len(xs) // 2]) / 2
 
 
 if __name__ == "__main__":
