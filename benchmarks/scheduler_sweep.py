@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -170,14 +171,10 @@ def main() -> None:
                 if m != "plain":
                     paired = [r["tokens_per_s"] / p["tokens_per_s"]
                               for r, p in zip(rs, rows["plain"])]
-                    ratios.append(f"{m} {_median(paired):.3f}")
+                    ratios.append(f"{m} {statistics.median(paired):.3f}")
             line += "   " + ", ".join(ratios)
         print(line)
 
-
-def _median(xs: list[float]) -> float:
-    xs = sorted(xs)
-    return (xs[(len(xs) - 1) // 2] + xs[len(xs) // 2]) / 2
 
 
 if __name__ == "__main__":
