@@ -12,6 +12,7 @@ def test_apply_all_is_idempotent():
     from vllm.config import VllmConfig
     from vllm.engine.arg_utils import EngineArgs
     from vllm.model_executor.models.interfaces import EagleModelMixin
+    from vllm.v1.executor.multiproc_executor import MultiprocExecutor
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     from vllm_dspark.engine import patches
@@ -20,13 +21,15 @@ def test_apply_all_is_idempotent():
     before = (VllmConfig._get_v1_model_runner_unsupported_features,
               VllmConfig._validate_v1_model_runner,
               EngineArgs.create_speculative_config, GPUModelRunner.__init__,
-              GPUModelRunner._prepare_inputs, EagleModelMixin._maybe_add_hidden_state)
+              GPUModelRunner._prepare_inputs, EagleModelMixin._maybe_add_hidden_state,
+              GPUModelRunner.sample_tokens, MultiprocExecutor.take_draft_token_ids)
     patches._applied = False
     patches.apply_all()
     after = (VllmConfig._get_v1_model_runner_unsupported_features,
              VllmConfig._validate_v1_model_runner,
              EngineArgs.create_speculative_config, GPUModelRunner.__init__,
-             GPUModelRunner._prepare_inputs, EagleModelMixin._maybe_add_hidden_state)
+             GPUModelRunner._prepare_inputs, EagleModelMixin._maybe_add_hidden_state,
+             GPUModelRunner.sample_tokens, MultiprocExecutor.take_draft_token_ids)
     assert before == after
     assert all(getattr(f, "_dspark", False) for f in after)
 
@@ -152,3 +155,74 @@ def test_decode_steps_without_drafts_are_counted():
                                    "prefill-last-token": 1, "prefill-chunk": 8},
              scheduled_spec_decode_tokens={"decode-drafted": [1, 2, 3]})
     assert patches._decode_steps_without_drafts(NS(requests=reqs), out) == 1
+
+
+def test_the_worker_attaches_its_drafts_to_the_output(monkeypatch):
+    """carry_drafts_in_the_output, worker side: dspark outputs carry take_draft_token_ids();
+    vLLM's shared empty output is copied, never marked."""
+    from types import SimpleNamespace as NS
+
+    from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, DraftTokenIds
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    from vllm_dspark.engine import patches
+
+    patches.carry_drafts_in_the_output()
+    drafts = DraftTokenIds(["a", "b"], [[5, 6], []])
+    # execute_model_state None: the runner returns EMPTY_MODEL_RUNNER_OUTPUT.
+    runner = NS(execute_model_state=None, kv_connector_output=None,
+                use_async_scheduling=False, speculative_config=NS(method="dspark"),
+                take_draft_token_ids=lambda: drafts)
+    out = GPUModelRunner.sample_tokens(runner, None)
+    assert out.dspark_draft_token_ids is drafts
+    assert out is not EMPTY_MODEL_RUNNER_OUTPUT
+    assert not hasattr(EMPTY_MODEL_RUNNER_OUTPUT, "dspark_draft_token_ids")
+    for other in (NS(method="eagle"), None):  # other methods keep vLLM's path
+        runner.speculative_config = other
+        assert GPUModelRunner.sample_tokens(runner, None) is EMPTY_MODEL_RUNNER_OUTPUT
+    # Async scheduling keeps its drafts in the worker: the output stays vLLM's.
+    monkeypatch.setattr("vllm.v1.worker.gpu_model_runner.get_pp_group",
+                        lambda: NS(is_last_rank=True))
+    runner.speculative_config, runner.use_async_scheduling = NS(method="dspark"), True
+    assert GPUModelRunner.sample_tokens(runner, None) is EMPTY_MODEL_RUNNER_OUTPUT
+
+
+def test_the_executor_answers_take_draft_token_ids_from_the_output():
+    """carry_drafts_in_the_output, engine-core side: after a blocking sample_tokens whose
+    output carries drafts, take_draft_token_ids makes no worker call; otherwise (no drafts
+    attached, a non-blocking call, a step without sample_tokens) it still calls."""
+    from types import SimpleNamespace as NS
+
+    from vllm.v1.executor.multiproc_executor import MultiprocExecutor
+
+    from vllm_dspark.engine import patches
+
+    patches.carry_drafts_in_the_output()
+    calls = []
+    attached = NS(dspark_draft_token_ids="from-the-output")
+
+    def collective_rpc(method, **kwargs):
+        calls.append(method)
+        return {"execute_model": None, "take_draft_token_ids": "from-the-worker"}.get(
+            method, attached)
+
+    ex = object.__new__(MultiprocExecutor)
+    ex.collective_rpc = collective_rpc
+    ex.output_rank, ex.kv_output_aggregator, ex.ec_output_aggregator = 0, None, None
+
+    ex.execute_model("sched")
+    assert ex.sample_tokens(None) is attached
+    assert ex.take_draft_token_ids() == "from-the-output"
+    assert calls == ["execute_model", "sample_tokens"]
+    assert ex.take_draft_token_ids() == "from-the-worker"  # answered once only
+    calls.clear()
+    ex.execute_model("sched")  # a step that returned its output without sample_tokens
+    assert ex.take_draft_token_ids() == "from-the-worker"
+    ex.execute_model("sched")
+    ex.sample_tokens(None, non_block=True)  # a Future in real life: not looked into
+    assert ex.take_draft_token_ids() == "from-the-worker"
+    attached = NS()  # not a dspark output
+    ex.execute_model("sched")
+    ex.sample_tokens(None)
+    assert ex.take_draft_token_ids() == "from-the-worker"
+    assert calls.count("take_draft_token_ids") == 3  # the three cases since clear()
