@@ -158,8 +158,9 @@ def test_decode_steps_without_drafts_are_counted():
 
 
 def test_the_worker_attaches_its_drafts_to_the_output(monkeypatch):
-    """carry_drafts_in_the_output, worker side: dspark outputs carry take_draft_token_ids();
-    vLLM's shared empty output is copied, never marked."""
+    """carry_drafts_in_the_output, worker side: dspark outputs of a multiprocess executor's
+    worker carry take_draft_token_ids(); vLLM's shared empty output is copied, never
+    marked."""
     from types import SimpleNamespace as NS
 
     from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, DraftTokenIds
@@ -172,6 +173,7 @@ def test_the_worker_attaches_its_drafts_to_the_output(monkeypatch):
     # execute_model_state None: the runner returns EMPTY_MODEL_RUNNER_OUTPUT.
     runner = NS(execute_model_state=None, kv_connector_output=None,
                 use_async_scheduling=False, speculative_config=NS(method="dspark"),
+                parallel_config=NS(distributed_executor_backend="mp"),
                 take_draft_token_ids=lambda: drafts)
     out = GPUModelRunner.sample_tokens(runner, None)
     assert out.dspark_draft_token_ids is drafts
@@ -180,6 +182,10 @@ def test_the_worker_attaches_its_drafts_to_the_output(monkeypatch):
     for other in (NS(method="eagle"), None):  # other methods keep vLLM's path
         runner.speculative_config = other
         assert GPUModelRunner.sample_tokens(runner, None) is EMPTY_MODEL_RUNNER_OUTPUT
+    runner.speculative_config = NS(method="dspark")
+    runner.parallel_config.distributed_executor_backend = "uni"  # no round trip to save
+    assert GPUModelRunner.sample_tokens(runner, None) is EMPTY_MODEL_RUNNER_OUTPUT
+    runner.parallel_config.distributed_executor_backend = "mp"
     # Async scheduling keeps its drafts in the worker: the output stays vLLM's.
     monkeypatch.setattr("vllm.v1.worker.gpu_model_runner.get_pp_group",
                         lambda: NS(is_last_rank=True))

@@ -319,7 +319,9 @@ def carry_drafts_in_the_output() -> None:
             out = original(self, grammar_output)
             if (type(out) is ModelRunnerOutput and not self.use_async_scheduling
                     and self.speculative_config is not None
-                    and self.speculative_config.method == "dspark"):
+                    and self.speculative_config.method == "dspark"
+                    # In-process (uni) the engine core's call is a plain function call.
+                    and self.parallel_config.distributed_executor_backend == "mp"):
                 if out is EMPTY_MODEL_RUNNER_OUTPUT:  # a shared constant: never mark it
                     out = copy.copy(out)
                 out.dspark_draft_token_ids = self.take_draft_token_ids()
