@@ -116,6 +116,23 @@ def test_an_unmeasured_request_count_follows_the_monotone_answer():
     assert run(gate, 4, 4, draft_pays, plain)[0] == [True, False, True, False]
 
 
+def test_an_unmeasured_request_count_follows_close_ones_either_way():
+    """Without monotone evidence, R within 1.5× of measured request counts follows them
+    when they agree (a batch's tail: 16 requests skip, so 13 skip from the start);
+    further away, or when close ones disagree, it still alternates."""
+    gate = DraftGate(min_samples=3, explore_min=8, explore_max=256)
+    run(gate, 60, 16, draft_loses, plain)
+    assert run(gate, 7, 13, draft_pays, plain)[0] == [False] * 7  # 16/13 < 1.5
+    assert run(gate, 4, 10, draft_pays, plain)[0] == [True, False, True, False]  # 1.6×
+    gate = DraftGate(min_samples=3, explore_min=8, explore_max=256)
+    run(gate, 60, 2, draft_pays, plain)
+    assert run(gate, 3, 3, draft_loses, plain)[0] == [True] * 3  # 3/2 = 1.5: drafts
+    gate = DraftGate(min_samples=3, explore_min=8, explore_max=256)
+    run(gate, 60, 2, draft_pays, plain)
+    run(gate, 60, 4, draft_loses, plain)  # 2 drafts and 4 skips: they disagree on 3
+    assert run(gate, 4, 3, draft_pays, plain)[0] == [True, False, True, False]
+
+
 def test_explorations_cost_at_most_the_budget():
     """Intervals between explorations at least double while the answer holds, and are
     long enough that the explored steps cost at most ``budget`` of the throughput."""

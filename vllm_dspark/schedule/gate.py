@@ -71,10 +71,12 @@ class DraftGate:
     target grows compute bound and verification costs more), so it skips when a
     smaller R skips and drafts when a larger R drafts, and explores as above until it
     has its own samples (alternating as soon as those favour the other choice).
-    Otherwise it alternates between the choices (drafting first):
-    a few slow steps per request count once. It never copies the other direction:
-    with 1 → 4 requests on the CPU sweep, following R = 1's "draft" cost most of a
-    batch.
+    Without such evidence it follows measured R within ``NEAR``× of it when they agree:
+    at the tail of a batch, as requests finish, R passes through counts seen once per
+    batch (15, 13, 11, …), which would otherwise each try drafting until measured.
+    Otherwise it alternates between the choices (drafting first): a few slow steps per
+    request count once. It never copies the other direction from further away: with
+    1 → 4 requests on the CPU sweep, following R = 1's "draft" cost most of a batch.
 
     Measuring instead of predicting: a prediction from the calibrated survival
     products and the SPS table (this gate's first version) refused drafting that paid
@@ -155,19 +157,35 @@ class DraftGate:
 
     def _carried_over(self, key: int) -> bool | None:
         """Skip if a smaller measured R skips, draft if a larger one drafts; None when
-        neither holds, or both do (the measurements disagree with the monotone rule)."""
-        answers = set()
+        the measurements disagree with that monotone rule. Without such evidence, the
+        answer of close measured request counts (within ``NEAR``×), if they agree."""
+        monotone, near = set(), set()
         for k, other in self._buckets.items():
             best = other.best(self.min_samples)
+            if best is None:
+                continue
             if (k < key and best is False) or (k > key and best is True):
-                answers.add(best)
+                monotone.add(best)
+            here, there = _requests_of(key), _requests_of(k)
+            if max(here, there) <= NEAR * min(here, there):
+                near.add(best)
+        answers = monotone or near
         return answers.pop() if len(answers) == 1 else None
+
+
+# Request counts this close (ratio) share a carried-over answer in either direction.
+NEAR = 1.5
 
 
 def _bucket_key(requests: int) -> int:
     if requests <= 16:
         return requests
     return 16 + round(4 * math.log2(requests / 16))
+
+
+def _requests_of(key: int) -> float:
+    """The request count a bucket key stands for (the inverse of ``_bucket_key``)."""
+    return key if key <= 16 else 16 * 2 ** ((key - 16) / 4)
 
 
 class _Bucket:
