@@ -17,19 +17,18 @@ def test_apply_all_is_idempotent():
 
     from vllm_dspark.engine import patches
 
+    def patched():
+        return (VllmConfig._get_v1_model_runner_unsupported_features,
+                VllmConfig._validate_v1_model_runner,
+                EngineArgs.create_speculative_config, GPUModelRunner.__init__,
+                GPUModelRunner._prepare_inputs, EagleModelMixin._maybe_add_hidden_state,
+                GPUModelRunner.sample_tokens, MultiprocExecutor.take_draft_token_ids)
+
     patches.apply_all()
-    before = (VllmConfig._get_v1_model_runner_unsupported_features,
-              VllmConfig._validate_v1_model_runner,
-              EngineArgs.create_speculative_config, GPUModelRunner.__init__,
-              GPUModelRunner._prepare_inputs, EagleModelMixin._maybe_add_hidden_state,
-              GPUModelRunner.sample_tokens, MultiprocExecutor.take_draft_token_ids)
+    before = patched()
     patches._applied = False
     patches.apply_all()
-    after = (VllmConfig._get_v1_model_runner_unsupported_features,
-             VllmConfig._validate_v1_model_runner,
-             EngineArgs.create_speculative_config, GPUModelRunner.__init__,
-             GPUModelRunner._prepare_inputs, EagleModelMixin._maybe_add_hidden_state,
-             GPUModelRunner.sample_tokens, MultiprocExecutor.take_draft_token_ids)
+    after = patched()
     assert before == after
     assert all(getattr(f, "_dspark", False) for f in after)
 

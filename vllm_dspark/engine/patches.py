@@ -312,10 +312,8 @@ def carry_drafts_in_the_output() -> None:
     from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-    original = GPUModelRunner.sample_tokens
-    if not getattr(original, "_dspark", False):
-        @functools.wraps(original)
-        def sample_tokens(self, grammar_output):
+    def sample_tokens_in_worker(original):
+        def patched(self, grammar_output):
             out = original(self, grammar_output)
             if (type(out) is ModelRunnerOutput and not self.use_async_scheduling
                     and self.speculative_config is not None
@@ -326,16 +324,7 @@ def carry_drafts_in_the_output() -> None:
                     out = copy.copy(out)
                 out.dspark_draft_token_ids = self.take_draft_token_ids()
             return out
-
-        sample_tokens._dspark = True
-        GPUModelRunner.sample_tokens = sample_tokens
-
-    def wrap(name, make):
-        original = getattr(MultiprocExecutor, name)
-        if not getattr(original, "_dspark", False):
-            patched = functools.wraps(original)(make(original))
-            patched._dspark = True
-            setattr(MultiprocExecutor, name, patched)
+        return patched
 
     def execute_model(original):
         def patched(self, *args, **kwargs):
@@ -358,9 +347,19 @@ def carry_drafts_in_the_output() -> None:
             return original(self) if drafts is _NO_DRAFTS else drafts
         return patched
 
-    wrap("execute_model", execute_model)
-    wrap("sample_tokens", sample_tokens_in_executor)
-    wrap("take_draft_token_ids", take_draft_token_ids)
+    _wrap(GPUModelRunner, "sample_tokens", sample_tokens_in_worker)
+    _wrap(MultiprocExecutor, "execute_model", execute_model)
+    _wrap(MultiprocExecutor, "sample_tokens", sample_tokens_in_executor)
+    _wrap(MultiprocExecutor, "take_draft_token_ids", take_draft_token_ids)
+
+
+def _wrap(cls, name: str, make) -> None:
+    """Replace ``cls.name`` with ``make(original)`` once (marked ``_dspark``)."""
+    original = getattr(cls, name)
+    if not getattr(original, "_dspark", False):
+        patched = functools.wraps(original)(make(original))
+        patched._dspark = True
+        setattr(cls, name, patched)
 
 
 def _expand_kernel_impl(output, input_val, cu_num_tokens, replace_from, replace_to,

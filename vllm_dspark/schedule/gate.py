@@ -160,13 +160,14 @@ class DraftGate:
         the measurements disagree with that monotone rule. Without such evidence, the
         answer of close measured request counts (within ``NEAR``×), if they agree."""
         monotone, near = set(), set()
+        here = _requests_of(key)
         for k, other in self._buckets.items():
             best = other.best(self.min_samples)
             if best is None:
                 continue
             if (k < key and best is False) or (k > key and best is True):
                 monotone.add(best)
-            here, there = _requests_of(key), _requests_of(k)
+            there = _requests_of(k)
             if max(here, there) <= NEAR * min(here, there):
                 near.add(best)
         answers = monotone or near
