@@ -8,7 +8,9 @@ One engine per configuration, each in its own process and all alive at once:
 (VLLM_DSPARK_SCHEDULER=fixed, every step verifies γ drafts), ``causal`` (the default,
 VLLM_DSPARK_DRAFT_COST=measure: Algorithm 1 on the SPS table profiled at start-up plus
 the measured drafting time, with the draft gate), ``causal-paper`` (Algorithm 1
-verbatim: VLLM_DSPARK_DRAFT_COST=0, always draft) and ``async`` (§5.2). For
+verbatim: VLLM_DSPARK_DRAFT_COST=0, always draft), ``async`` (§5.2) and
+``plain-control`` (a second plain engine: its ratio to ``plain`` is the spread between
+two identical engines, the benchmark's own noise floor). For
 each concurrency C, C chat prompts are submitted at once (greedy, ``--max-tokens`` each)
 and we record output tokens/s, the mean number of draft tokens verified per request per
 step (vLLM's num_draft_tokens / num_drafts, which counts steps that verified nothing
@@ -46,7 +48,7 @@ if __name__ == "__main__":
     kw = dict(model=job["target"], dtype=job["dtype"], enforce_eager=job["eager"],
               max_model_len=2048, max_num_seqs=max(job["concurrency"]),
               disable_log_stats=False, seed=0)
-    if job["mode"] != "plain":
+    if not job["mode"].startswith("plain"):
         kw["speculative_config"] = {"method": "dspark", "model": job["draft"],
                                     "num_speculative_tokens": job["gamma"]}
     t0 = time.perf_counter(); llm = LLM(**kw); startup = time.perf_counter() - t0
@@ -82,6 +84,7 @@ def _read_json_line(proc) -> dict:
 
 MODE_ENV = {
     "plain": None,
+    "plain-control": None,  # a second plain engine: the benchmark's own noise floor
     "fixed": {"VLLM_DSPARK_SCHEDULER": "fixed"},
     "causal": {"VLLM_DSPARK_SCHEDULER": "causal", "VLLM_DSPARK_DRAFT_COST": "measure"},
     "causal-paper": {"VLLM_DSPARK_SCHEDULER": "causal", "VLLM_DSPARK_DRAFT_COST": "0"},

@@ -105,7 +105,7 @@ def test_an_unmeasured_request_count_follows_the_monotone_answer():
     assert decisions[:7] == [False] * 7  # no alternation (R = 4 skips); explores at 8
     assert 2 <= sum(decisions) <= 4  # explorations only
     decisions, _ = run(gate, 20, 2, draft_pays, plain)  # smaller than 4: no evidence
-    assert decisions[:6] == [True, False] * 3
+    assert decisions[:6] == [False, True] * 3  # alternates, skipping first (4 skips)
     gate = DraftGate(min_samples=3)
     run(gate, 60, 8, draft_pays, plain)
     assert run(gate, 6, 2, draft_pays, plain)[0] == [True] * 6  # R = 8 drafts: so does 2
@@ -123,14 +123,31 @@ def test_an_unmeasured_request_count_follows_close_ones_either_way():
     gate = DraftGate(min_samples=3, explore_min=8, explore_max=256)
     run(gate, 60, 16, draft_loses, plain)
     assert run(gate, 7, 13, draft_pays, plain)[0] == [False] * 7  # 16/13 < 1.5
-    assert run(gate, 4, 10, draft_pays, plain)[0] == [True, False, True, False]  # 1.6×
+    assert run(gate, 4, 10, draft_pays, plain)[0] == [False, True, False, True]  # 1.6×
     gate = DraftGate(min_samples=3, explore_min=8, explore_max=256)
     run(gate, 60, 2, draft_pays, plain)
     assert run(gate, 3, 3, draft_loses, plain)[0] == [True] * 3  # 3/2 = 1.5: drafts
     gate = DraftGate(min_samples=3, explore_min=8, explore_max=256)
     run(gate, 60, 2, draft_pays, plain)
     run(gate, 60, 4, draft_loses, plain)  # 2 drafts and 4 skips: they disagree on 3
-    assert run(gate, 4, 3, draft_pays, plain)[0] == [True, False, True, False]
+    assert run(gate, 4, 3, draft_pays, plain)[0] == [False, True, False, True]
+
+
+def test_an_unmeasured_request_count_below_a_skipping_one_skips_first():
+    """A batch's tail: each count is visited once and the next step has another R, so
+    it is never measured and keeps its first choice. Below a skipping R that choice
+    is to skip; with nothing larger skipping, or nothing measured, it is to draft."""
+    gate = DraftGate(min_samples=3, explore_min=8, explore_max=256)
+    assert gate.step(0.0, 10, None) is True  # nothing measured: draft first
+    gate = DraftGate(min_samples=3, explore_min=8, explore_max=256)
+    run(gate, 60, 1, draft_pays, plain)
+    run(gate, 60, 16, draft_loses, plain)
+    tail = [16, 14, 11, 9, 6, 5, 3, 2]  # requests finishing: every step a new R
+    for _ in range(3):  # three batches' tails
+        assert run(gate, len(tail), lambda i: tail[i], draft_pays, plain)[0][1:] == [False] * 7
+    gate = DraftGate(min_samples=3, explore_min=8, explore_max=256)
+    run(gate, 60, 1, draft_pays, plain)
+    assert gate.step(1.0, 6, None) is True  # only a smaller R measured: draft first
 
 
 def test_explorations_cost_at_most_the_budget():

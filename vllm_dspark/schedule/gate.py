@@ -74,9 +74,14 @@ class DraftGate:
     Without such evidence it follows measured R within ``NEAR``× of it when they agree:
     at the tail of a batch, as requests finish, R passes through counts seen once per
     batch (15, 13, 11, …), which would otherwise each try drafting until measured.
-    Otherwise it alternates between the choices (drafting first): a few slow steps per
-    request count once. It never copies the other direction from further away: with
-    1 → 4 requests on the CPU sweep, following R = 1's "draft" cost most of a batch.
+    Otherwise it alternates between the choices: a few slow steps per request count
+    once. It skips first when a larger measured R skips (drafts first otherwise): at a
+    batch's tail the step after a visit usually has another R, so such a count is
+    rarely measured and keeps its first choice; there drafting gains little at best
+    (it already loses at the larger R) and a drafted step also pays for storing the
+    context K/V that the skipped steps deferred. It never copies the other direction
+    from further away: with 1 → 4 requests on the CPU sweep, following R = 1's "draft"
+    cost most of a batch.
 
     Measuring instead of predicting: a prediction from the calibrated survival
     products and the SPS table (this gate's first version) refused drafting that paid
@@ -147,13 +152,19 @@ class DraftGate:
             if best is not None and b.contradicts(best):
                 best = None  # its own first samples disagree: measure it properly
         b.choice = best
-        if best is None:  # nothing to go on at this R: alternate, drafting first
-            return len(b.samples[True]) <= len(b.samples[False])
+        if best is None:  # nothing to go on at this R: alternate
+            drafted, skipped = len(b.samples[True]), len(b.samples[False])
+            return drafted < skipped or (drafted == skipped and not self._larger_skips(key))
         b.since += 1
         if b.since >= b.interval:
             b.since = 0
             return not best
         return best
+
+    def _larger_skips(self, key: int) -> bool:
+        """Whether a measured R larger than this one skips (alternation starts there)."""
+        return any(k > key and other.best(self.min_samples) is False
+                   for k, other in self._buckets.items())
 
     def _carried_over(self, key: int) -> bool | None:
         """Skip if a smaller measured R skips, draft if a larger one drafts; None when
