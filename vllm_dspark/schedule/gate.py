@@ -123,14 +123,13 @@ class DraftGate:
         b = self._buckets.get(_bucket_key(requests))
         return (None, None) if b is None else (b.rate(True), b.rate(False))
 
-    def _bucket(self, requests: int) -> _Bucket:
-        key = _bucket_key(requests)
+    def _bucket(self, key: int) -> _Bucket:
         if key not in self._buckets:
             self._buckets[key] = _Bucket(self.window, self.explore_min)
         return self._buckets[key]
 
     def _record(self, requests: int, drafted: bool, tokens: int, seconds: float) -> None:
-        b = self._bucket(requests)
+        b = self._bucket(_bucket_key(requests))
         before = b.choice
         b.samples[drafted].append((tokens, seconds))
         if before is not None and drafted != before:  # an exploration came back
@@ -145,44 +144,44 @@ class DraftGate:
 
     def _decide(self, requests: int) -> bool:
         key = _bucket_key(requests)
-        b = self._bucket(requests)
+        b = self._bucket(key)
         best = b.best(self.min_samples)
         if best is None:
-            best = self._carried_over(key)
+            measured = self._measured()
+            best = _carried_over(key, measured)
             if best is not None and b.contradicts(best):
                 best = None  # its own first samples disagree: measure it properly
         b.choice = best
-        if best is None:  # nothing to go on at this R: alternate
+        if best is None:  # nothing to go on at this R: alternate (skip first below a skip)
             drafted, skipped = len(b.samples[True]), len(b.samples[False])
-            return drafted < skipped or (drafted == skipped and not self._larger_skips(key))
+            larger_skips = any(k > key and not answer for k, answer in measured.items())
+            return drafted < skipped or (drafted == skipped and not larger_skips)
         b.since += 1
         if b.since >= b.interval:
             b.since = 0
             return not best
         return best
 
-    def _larger_skips(self, key: int) -> bool:
-        """Whether a measured R larger than this one skips (alternation starts there)."""
-        return any(k > key and other.best(self.min_samples) is False
-                   for k, other in self._buckets.items())
+    def _measured(self) -> dict[int, bool]:
+        """Each measured bucket's answer (draft or not), by bucket key."""
+        answers = {k: b.best(self.min_samples) for k, b in self._buckets.items()}
+        return {k: answer for k, answer in answers.items() if answer is not None}
 
-    def _carried_over(self, key: int) -> bool | None:
-        """Skip if a smaller measured R skips, draft if a larger one drafts; None when
-        the measurements disagree with that monotone rule. Without such evidence, the
-        answer of close measured request counts (within ``NEAR``×), if they agree."""
-        monotone, near = set(), set()
-        here = _requests_of(key)
-        for k, other in self._buckets.items():
-            best = other.best(self.min_samples)
-            if best is None:
-                continue
-            if (k < key and best is False) or (k > key and best is True):
-                monotone.add(best)
-            there = _requests_of(k)
-            if max(here, there) <= NEAR * min(here, there):
-                near.add(best)
-        answers = monotone or near
-        return answers.pop() if len(answers) == 1 else None
+
+def _carried_over(key: int, measured: dict[int, bool]) -> bool | None:
+    """Skip if a smaller measured R skips, draft if a larger one drafts; None when the
+    measurements disagree with that monotone rule. Without such evidence, the answer
+    of close measured request counts (within ``NEAR``×), if they agree."""
+    monotone, near = set(), set()
+    here = _requests_of(key)
+    for k, best in measured.items():
+        if (k < key and best is False) or (k > key and best is True):
+            monotone.add(best)
+        there = _requests_of(k)
+        if max(here, there) <= NEAR * min(here, there):
+            near.add(best)
+    answers = monotone or near
+    return answers.pop() if len(answers) == 1 else None
 
 
 # Request counts this close (ratio) share a carried-over answer in either direction.
