@@ -163,10 +163,10 @@ def main() -> None:
           + ("   median ratio to plain" if "plain" in args.modes else ""))
     for c in args.concurrency:
         rows = {m: [r for r in results[m]["rows"] if r["concurrency"] == c] for m in args.modes}
-        tps = {m: sorted(r["tokens_per_s"] for r in rs) for m, rs in rows.items()}
-        ver = [f"{sum(r['verified_per_request_step'] for r in rs) / len(rs):.2f}"
-               for m, rs in rows.items() if m != "plain"]
-        line = (f"{c:>4} " + " ".join(f"{v[len(v) // 2]:18.1f}" for v in tps.values()) + "   "
+        tps = {m: statistics.median(r["tokens_per_s"] for r in rs) for m, rs in rows.items()}
+        ver = [f"{m} {sum(r['verified_per_request_step'] for r in rs) / len(rs):.2f}"
+               for m, rs in rows.items() if not m.startswith("plain")]  # plain verifies none
+        line = (f"{c:>4} " + " ".join(f"{v:18.1f}" for v in tps.values()) + "   "
                 + ", ".join(ver))
         if "plain" in rows:
             ratios = []
@@ -177,7 +177,6 @@ def main() -> None:
                     ratios.append(f"{m} {statistics.median(paired):.3f}")
             line += "   " + ", ".join(ratios)
         print(line)
-
 
 
 if __name__ == "__main__":

@@ -47,16 +47,12 @@ def allow_dspark_on_v1_runner() -> None:
     """vLLM 0.32 lists dspark as unsupported on the V1 runner; we supply the V1 proposer."""
     from vllm.config import VllmConfig
 
-    original = VllmConfig._get_v1_model_runner_unsupported_features
-    if getattr(original, "_dspark", False):
-        return
+    def make(original):
+        def patched(self):
+            return [f for f in original(self) if f != _V1_BLOCKER]
+        return patched
 
-    @functools.wraps(original)
-    def patched(self):
-        return [f for f in original(self) if f != _V1_BLOCKER]
-
-    patched._dspark = True
-    VllmConfig._get_v1_model_runner_unsupported_features = patched
+    _wrap(VllmConfig, "_get_v1_model_runner_unsupported_features", make)
 
 
 def check_speculative_dict(spec: dict, target_model_config) -> None:
@@ -94,19 +90,15 @@ def validate_draft_at_startup() -> None:
     """Check the draft against the target before vLLM builds configs or spawns workers."""
     from vllm.engine.arg_utils import EngineArgs
 
-    original = EngineArgs.create_speculative_config
-    if getattr(original, "_dspark", False):
-        return
+    def make(original):
+        def patched(self, target_model_config, target_parallel_config):
+            spec = self.speculative_config
+            if isinstance(spec, dict) and spec.get("method") == "dspark":
+                check_speculative_dict(spec, target_model_config)
+            return original(self, target_model_config, target_parallel_config)
+        return patched
 
-    @functools.wraps(original)
-    def patched(self, target_model_config, target_parallel_config):
-        spec = self.speculative_config
-        if isinstance(spec, dict) and spec.get("method") == "dspark":
-            check_speculative_dict(spec, target_model_config)
-        return original(self, target_model_config, target_parallel_config)
-
-    patched._dspark = True
-    EngineArgs.create_speculative_config = patched
+    _wrap(EngineArgs, "create_speculative_config", make)
 
 
 def install_v1_proposer() -> None:
@@ -116,22 +108,18 @@ def install_v1_proposer() -> None:
     """
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-    original = GPUModelRunner.__init__
-    if getattr(original, "_dspark", False):
-        return
+    def make(original):
+        def patched(self, vllm_config, device, *args, **kwargs):
+            original(self, vllm_config, device, *args, **kwargs)
+            spec = vllm_config.speculative_config
+            if spec is not None and spec.method == "dspark" and hasattr(self, "drafter"):
+                from vllm_dspark.engine.v1.proposer import DSparkProposer
 
-    @functools.wraps(original)
-    def patched(self, vllm_config, device, *args, **kwargs):
-        original(self, vllm_config, device, *args, **kwargs)
-        spec = vllm_config.speculative_config
-        if spec is not None and spec.method == "dspark" and hasattr(self, "drafter"):
-            from vllm_dspark.engine.v1.proposer import DSparkProposer
+                self.drafter = DSparkProposer(vllm_config, self.device, self)
+                self.use_aux_hidden_state_outputs = True
+        return patched
 
-            self.drafter = DSparkProposer(vllm_config, self.device, self)
-            self.use_aux_hidden_state_outputs = True
-
-    patched._dspark = True
-    GPUModelRunner.__init__ = patched
+    _wrap(GPUModelRunner, "__init__", make)
 
 
 def keep_the_last_prefix_block() -> None:
@@ -145,19 +133,15 @@ def keep_the_last_prefix_block() -> None:
     tests/engine/test_greedy.py checks drafts after such hits against the reference."""
     from vllm.config import VllmConfig
 
-    original = VllmConfig._validate_v1_model_runner
-    if getattr(original, "_dspark", False):
-        return
+    def make(original):
+        def patched(self):
+            original(self)
+            spec = self.speculative_config
+            if spec is not None and spec.method == "dspark":
+                spec.disable_eagle_block_drop = True
+        return patched
 
-    @functools.wraps(original)
-    def patched(self):
-        original(self)
-        spec = self.speculative_config
-        if spec is not None and spec.method == "dspark":
-            spec.disable_eagle_block_drop = True
-
-    patched._dspark = True
-    VllmConfig._validate_v1_model_runner = patched
+    _wrap(VllmConfig, "_validate_v1_model_runner", make)
 
 
 def copy_the_embedding_state() -> None:
@@ -169,18 +153,14 @@ def copy_the_embedding_state() -> None:
     copy instead: one [tokens, hidden] copy per step, and only when layer 0 is captured."""
     from vllm.model_executor.models.interfaces import EagleModelMixin
 
-    original = EagleModelMixin._maybe_add_hidden_state
-    if getattr(original, "_dspark", False):
-        return
+    def make(original):
+        def patched(self, aux_hidden_states, layer_idx, hidden_states, residual):
+            if residual is None and layer_idx in self.aux_hidden_state_layers:
+                hidden_states = hidden_states.clone()
+            return original(self, aux_hidden_states, layer_idx, hidden_states, residual)
+        return patched
 
-    @functools.wraps(original)
-    def patched(self, aux_hidden_states, layer_idx, hidden_states, residual):
-        if residual is None and layer_idx in self.aux_hidden_state_layers:
-            hidden_states = hidden_states.clone()
-        return original(self, aux_hidden_states, layer_idx, hidden_states, residual)
-
-    patched._dspark = True
-    EagleModelMixin._maybe_add_hidden_state = patched
+    _wrap(EagleModelMixin, "_maybe_add_hidden_state", make)
 
 
 def install_verification_scheduler() -> None:
@@ -198,24 +178,17 @@ def install_verification_scheduler() -> None:
         from vllm.v1.worker.cpu_worker import CPUWorker
 
         classes.append(CPUWorker)
-    for cls in classes:
-        original = cls.__dict__["compile_or_warm_up_model"]
-        if getattr(original, "_dspark", False):
-            continue
+    def make(original):
+        def patched(self, *args, **kwargs):
+            out = original(self, *args, **kwargs)
+            drafter = getattr(getattr(self, "model_runner", None), "drafter", None)
+            if hasattr(drafter, "attach_verification_scheduler"):
+                drafter.attach_verification_scheduler()
+            return out
+        return patched
 
-        def make(original):
-            @functools.wraps(original)
-            def patched(self, *args, **kwargs):
-                out = original(self, *args, **kwargs)
-                drafter = getattr(getattr(self, "model_runner", None), "drafter", None)
-                if hasattr(drafter, "attach_verification_scheduler"):
-                    drafter.attach_verification_scheduler()
-                return out
-
-            patched._dspark = True
-            return patched
-
-        cls.compile_or_warm_up_model = make(original)
+    for cls in classes:  # each defines its own compile_or_warm_up_model
+        _wrap(cls, "compile_or_warm_up_model", make)
 
 
 def _decode_steps_without_drafts(scheduler, scheduler_output) -> int:
@@ -242,29 +215,26 @@ def count_unverified_decode_steps() -> None:
     from vllm.v1.core.sched.scheduler import Scheduler
     from vllm.v1.spec_decode.metrics import SpecDecodingStats
 
-    original = Scheduler.update_from_output
-    if getattr(original, "_dspark", False):
-        return
+    def make(original):
+        def patched(self, scheduler_output, model_runner_output):
+            spec = self.vllm_config.speculative_config
+            zero = 0
+            if self.log_stats and spec is not None and spec.method == "dspark":
+                zero = _decode_steps_without_drafts(self, scheduler_output)
+            outputs = original(self, scheduler_output, model_runner_output)
+            if zero:
+                eco = next((o for o in outputs.values() if o.scheduler_stats is not None),
+                           None)
+                if eco is None:
+                    return outputs  # vLLM made no stats this step
+                stats = eco.scheduler_stats
+                if stats.spec_decoding_stats is None:
+                    stats.spec_decoding_stats = SpecDecodingStats.new(self.num_spec_tokens)
+                stats.spec_decoding_stats.num_drafts += zero
+            return outputs
+        return patched
 
-    @functools.wraps(original)
-    def patched(self, scheduler_output, model_runner_output):
-        spec = self.vllm_config.speculative_config
-        zero = 0
-        if self.log_stats and spec is not None and spec.method == "dspark":
-            zero = _decode_steps_without_drafts(self, scheduler_output)
-        outputs = original(self, scheduler_output, model_runner_output)
-        if zero:
-            eco = next((o for o in outputs.values() if o.scheduler_stats is not None), None)
-            if eco is None:
-                return outputs  # vLLM made no stats this step
-            stats = eco.scheduler_stats
-            if stats.spec_decoding_stats is None:
-                stats.spec_decoding_stats = SpecDecodingStats.new(self.num_spec_tokens)
-            stats.spec_decoding_stats.num_drafts += zero
-        return outputs
-
-    patched._dspark = True
-    Scheduler.update_from_output = patched
+    _wrap(Scheduler, "update_from_output", make)
 
 
 def sample_plainly_without_drafts() -> None:
@@ -277,21 +247,17 @@ def sample_plainly_without_drafts() -> None:
     inputs are the same (all scheduled tokens, none rejected)."""
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-    original = GPUModelRunner._prepare_inputs
-    if getattr(original, "_dspark", False):
-        return
+    def make(original):
+        def patched(self, scheduler_output, num_scheduled_tokens):
+            logits_indices, meta, max_sampled = original(self, scheduler_output,
+                                                         num_scheduled_tokens)
+            if (meta is not None and self.speculative_config.method == "dspark"
+                    and not any(meta.num_draft_tokens)):
+                meta = None  # logits_indices are already each request's last token
+            return logits_indices, meta, max_sampled
+        return patched
 
-    @functools.wraps(original)
-    def patched(self, scheduler_output, num_scheduled_tokens):
-        logits_indices, meta, max_sampled = original(self, scheduler_output,
-                                                     num_scheduled_tokens)
-        if (meta is not None and self.speculative_config.method == "dspark"
-                and not any(meta.num_draft_tokens)):
-            meta = None  # logits_indices are already each request's last token
-        return logits_indices, meta, max_sampled
-
-    patched._dspark = True
-    GPUModelRunner._prepare_inputs = patched
+    _wrap(GPUModelRunner, "_prepare_inputs", make)
 
 
 _NO_DRAFTS = object()  # the executor holds no drafts from this step's output
