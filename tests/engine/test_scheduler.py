@@ -59,9 +59,18 @@ def test_greedy_output_is_the_targets(corrupted_oracle_pair, greedy_baseline, tm
     prompts, sampling, want = greedy_baseline
     env = {"VLLM_DSPARK_SCHEDULER": mode, "VLLM_DSPARK_SPS": sps_table(tmp_path / "s.json", k),
            "VLLM_DSPARK_DRAFT_COST": "0"}
+    trace = tmp_path / "trace.jsonl"
     res = run_job({"target": target, "draft": draft, "gamma": GAMMA, "env": env,
-                   "batches": [{"prompts": prompts, "sampling": sampling}]})
+                   "trace": str(trace), "batches": [{"prompts": prompts, "sampling": sampling}]})
     assert tokens(res) == want
+    # On CPU, Algorithm 1's survival floor stops drafting rows it cannot admit (k = 16:
+    # floor R/(16+R) ≈ 0.33 at 8 requests, against confidences ≈ 0.5: a row's second
+    # position already falls to it); the other modes, and a flat curve, draft every one.
+    drafted = [len(r["drafts"]) for r in read_trace(str(trace))]
+    if mode == "causal" and k == 16.0:
+        assert 0 < max(drafted) < GAMMA, sorted(set(drafted))
+    else:
+        assert set(drafted) == {GAMMA}, drafted
     m = res["metrics"]
     drafts, drafted = m["vllm:spec_decode_num_drafts"], m["vllm:spec_decode_num_draft_tokens"]
     per_request = drafted / drafts

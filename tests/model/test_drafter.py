@@ -9,6 +9,7 @@ from vllm_dspark.checkpoint import build_draft_config
 from vllm_dspark.config import DSparkConfig
 from vllm_dspark.decode.draft import sample_block
 from vllm_dspark.model.drafter import DSparkDrafter
+from vllm_dspark.schedule.prefix import admission_floor, causal_schedule
 
 TARGET = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=5, num_attention_heads=4,
               num_key_value_heads=2, head_dim=16, vocab_size=53, rms_norm_eps=1e-6,
@@ -131,3 +132,77 @@ def test_mixed_greedy_and_sampled_rows():
     greedy = sample_block(base[:1], hidden[:1], torch.tensor([3]), None, m.markov_head)
     assert torch.equal(block.tokens[0], greedy.tokens[0])
     assert block.probs.shape == (2, 5, 53)
+
+
+def _floor_case(head_type):
+    m = make(head_type, gamma=6)
+    torch.manual_seed(1)
+    hidden = torch.randn(12, 6, 64, dtype=torch.float64)
+    anchors = torch.randint(0, 53, (12,))
+    sps = lambda b: 1.0 / (1.0 + b.double() / 16)  # noqa: E731  floor = 12/28 ≈ 0.43
+    return m, hidden, anchors, sps, admission_floor(sps, 12, 6)
+
+
+@pytest.mark.parametrize("head_type", ["vanilla", "gated", "rnn"])
+def test_admission_floor_stops_rows_and_keeps_the_schedule(head_type):
+    """With the floor, each row stops at its first position whose survival is at or
+    below it: earlier tokens and confidences are the whole block's, the stopping
+    position keeps its confidence, nothing later is projected, and Algorithm 1 picks
+    the same lengths as from the whole block."""
+    m, hidden, anchors, sps, floor = _floor_case(head_type)
+    sts = [0.8, 1.3]
+    full = sample_block(m.base_logits(hidden), hidden, anchors, None, m.markov_head,
+                        m.confidence_head, sts)
+    projected = []
+
+    def project(h):
+        projected.append(h.shape[0])
+        return m.base_logits(h)
+
+    cut = sample_block(project, hidden, anchors, None, m.markov_head, m.confidence_head, sts,
+                       admission_floor=floor)
+    low = torch.cumprod(full.confidence.double(), 1) <= floor
+    want = [int(row.nonzero()[0]) if bool(row.any()) else 6 for row in low]
+    assert cut.drafted.tolist() == want
+    assert 0 < sum(want) < 12 * 6 and sum(projected) == sum(want)
+    for r, n in enumerate(want):
+        assert torch.equal(cut.tokens[r, :n], full.tokens[r, :n])
+        assert not bool(cut.tokens[r, n:].any())
+        seen = min(n + 1, 6)  # the stopping position's confidence is kept
+        torch.testing.assert_close(cut.confidence[r, :seen], full.confidence[r, :seen],
+                                   rtol=0, atol=1e-6)
+        assert not bool(cut.confidence[r, seen:].any())
+    lengths = causal_schedule(full.confidence, sps).lengths
+    assert 0 < int(lengths.sum())
+    assert causal_schedule(cut.confidence, sps).lengths.tolist() == lengths.tolist()
+
+
+def test_admission_floor_with_sampling_keeps_each_rows_q():
+    m, hidden, anchors, sps, floor = _floor_case("rnn")
+    temp = torch.tensor([0.0, 1.0] * 6, dtype=torch.float64)
+    base = m.base_logits(hidden)
+    full = sample_block(base, hidden, anchors, temp, m.markov_head, m.confidence_head,
+                        want_probs=True)
+    cut = sample_block(base, hidden, anchors, temp, m.markov_head, m.confidence_head,
+                       want_probs=True, admission_floor=floor,
+                       generator=torch.Generator().manual_seed(0))
+    n = cut.drafted
+    assert 0 < int(n.sum()) < 12 * 6
+    for r in range(12):
+        k = int(n[r])
+        sums = cut.probs[r].sum(-1)
+        torch.testing.assert_close(sums[:k], torch.ones(k))
+        assert not bool(cut.probs[r, k:].any())
+        if k:  # position 0 depends on the anchor only: the whole block's q
+            torch.testing.assert_close(cut.probs[r, 0], full.probs[r, 0])
+        drawn = cut.probs[r, torch.arange(k), cut.tokens[r, :k]]
+        assert bool((drawn > 0).all())
+        if temp[r] == 0:  # greedy rows stay the whole block's argmax path
+            assert torch.equal(cut.tokens[r, :k], full.tokens[r, :k])
+
+
+def test_admission_floor_needs_the_confidence_head():
+    m, hidden, anchors, _, floor = _floor_case("vanilla")
+    with pytest.raises(ValueError, match="confidence head"):
+        sample_block(m.base_logits(hidden), hidden, anchors, None, m.markov_head, None,
+                     admission_floor=floor)

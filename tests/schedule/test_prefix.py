@@ -9,6 +9,7 @@ import torch
 
 from vllm_dspark.schedule.prefix import (
     _sorted_path,
+    admission_floor,
     async_schedule,
     capacity_budget,
     causal_schedule,
@@ -16,6 +17,7 @@ from vllm_dspark.schedule.prefix import (
     fixed_schedule,
     survival,
     topk_schedule,
+    with_drafting_time,
 )
 from vllm_dspark.schedule.sps import SPSTable
 
@@ -117,6 +119,62 @@ def test_vectorised_matches_reference_on_random_cases():
         got = causal_schedule(c, t, caps).lengths.tolist()
         assert got == causal_schedule_reference(c, t.sps_at, caps.tolist()), i
         assert all(0 <= x <= cap for x, cap in zip(got, caps.tolist()))
+
+
+# ------------------------------------------------------------------ admission floor
+def test_admission_floor_of_a_linear_step_time_is_r_slope_over_time():
+    # t(B) = 1 + B/k  ->  floor = R·(1/k) / (1 + R/k) = R / (k + R), whatever γ.
+    for r, k, gamma in [(1, 16.0, 7), (8, 16.0, 4), (64, 16.0, 2), (4, 3.0, 7)]:
+        got = admission_floor(lambda b, k=k: 1.0 / (1.0 + b.double() / k), r, gamma)
+        assert got == pytest.approx(r / (k + r), rel=1e-8) and got < r / (k + r)
+    # Drafting time d adds to every step: t = 1 + d + B/k.
+    got = admission_floor(with_drafting_time(lambda b: 1.0 / (1.0 + b.double() / 16), 0.5),
+                          8, 4)
+    assert got == pytest.approx(8 / 16 / (1.5 + 8 / 16), rel=1e-8)
+
+
+def test_admission_floor_is_zero_where_a_longer_step_is_not_slower():
+    assert admission_floor(lambda b: torch.ones_like(b, dtype=torch.float64), 4, 7) == 0.0
+    dip = sps_table([100, 90, 95, 80, 70, 60, 50, 40, 30, 20])  # SPS(3) > SPS(2): noise
+    assert admission_floor(dip, 1, 7) == 0.0
+    assert admission_floor(dip, 3, 2) > 0.0  # B ≥ 3 never meets the dip
+    assert admission_floor(dip, 0, 7) == admission_floor(dip, 2, 0) == 0.0
+
+
+def _prune_at_floor(c: torch.Tensor, floor: float) -> torch.Tensor:
+    """What sample_block hands the scheduler: each row's confidences up to the first
+    position whose survival is at or below the floor, 0 afterwards."""
+    a = torch.cumprod(c.double(), 1)
+    below = (a <= floor).long()
+    stopped_before = torch.cumsum(below, 1) - below  # a position ≤ floor came earlier
+    return torch.where(stopped_before > 0, torch.zeros_like(c), c)
+
+
+def test_stopping_rows_at_the_floor_keeps_algorithm_1s_lengths():
+    rng = random.Random(4)
+    pruned_cases = 0
+    for i in range(300):
+        r, gamma = rng.randint(1, 16), rng.randint(1, 8)
+        c = torch.rand(r, gamma, generator=torch.Generator().manual_seed(i)) ** 0.5
+        b = list(range(1, r * (gamma + 1) + 3))
+        t, slope = 1.0, rng.uniform(0.001, 0.2)
+        steps = []
+        for _ in b:  # time per step rising with B, at a varying rate, sometimes a jump
+            t += slope * rng.choice([0.2, 1.0, 1.0, 3.0])
+            steps.append(t)
+        table = SPSTable(b=b, sps=[1.0 / x for x in steps])
+        sps = with_drafting_time(table, rng.choice([0.0, 0.3]))
+        floor = admission_floor(sps, r, gamma)
+        want = causal_schedule(c, sps)
+        a = survival(c)
+        taken = torch.arange(1, gamma + 1)[None, :] <= want.lengths[:, None]
+        assert bool((a[taken] > floor).all()), i  # nothing admitted at or below the floor
+        cut = _prune_at_floor(c, floor)
+        pruned_cases += int(not torch.equal(cut, c))
+        assert causal_schedule(cut, sps).lengths.tolist() == want.lengths.tolist(), i
+        assert causal_schedule_reference(cut, lambda x, f=sps: float(f(torch.tensor([x]))[0])) \
+            == want.lengths.tolist(), i
+    assert pruned_cases > 100  # the floor really stops rows in most cases
 
 
 def test_sorted_path_admits_prefixes():

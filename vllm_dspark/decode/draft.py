@@ -14,6 +14,7 @@ draft as one-hot, which is lossless only if the draft really is deterministic.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -28,12 +29,18 @@ GREEDY_EPS = 1e-5  # vLLM's _SAMPLING_EPS: temperatures below are greedy
 class DraftBlock:
     tokens: torch.Tensor  # [B, γ] int64
     probs: torch.Tensor | None  # [B, γ, V] float32, the q each token was drawn from
-    confidence: torch.Tensor | None  # [B, γ] float32 in (0, 1); None without a head
+    confidence: torch.Tensor | None  # [B, γ] float32 in [0, 1]; None without a head
+    # [B] int64: positions each row sampled, when an admission floor stopped rows early
+    # (later positions hold token 0, q = 0 and confidence 0); None: all γ.
+    drafted: torch.Tensor | None = None
+
+
+BaseLogits = torch.Tensor | Callable[[torch.Tensor], torch.Tensor]
 
 
 @torch.no_grad()
 def sample_block(
-    base_logits: torch.Tensor,  # [B, γ, V]
+    base_logits: BaseLogits,  # [B, γ, V], or backbone states [n, H] -> U [n, V]
     hidden: torch.Tensor,  # [B, γ, H]
     anchor_ids: torch.Tensor,  # [B]
     temperature: torch.Tensor | None,  # [B]; None or all < GREEDY_EPS means greedy
@@ -42,8 +49,20 @@ def sample_block(
     sts_temperatures: list[float] | None = None,
     want_probs: bool = False,
     generator: torch.Generator | None = None,
+    admission_floor: float | None = None,
 ) -> DraftBlock:
-    b, gamma, _ = base_logits.shape
+    """``base_logits`` as a function projects, per position, only the rows still
+    drafting (the vocabulary projection is most of drafting's cost).
+
+    ``admission_floor`` (needs the confidence head): a survival value at or below which
+    the verification scheduler admits nothing (``schedule.prefix.admission_floor``). A
+    row stops at the first position whose survival ∏_{i≤k} c_i falls to it: that
+    position keeps its confidence (the scheduler's walk stops there), later ones get
+    confidence 0, and none of them is projected or sampled. The lengths the scheduler
+    then picks are those it would pick from the whole block."""
+    b, gamma = hidden.shape[:2]
+    if admission_floor is not None and confidence_head is None:
+        raise ValueError("an admission floor needs the confidence head's survival")
     greedy_rows = None
     if not want_probs:
         # Without q, the verifier assumes one-hot drafts: sampling here would be lossy.
@@ -52,37 +71,69 @@ def sample_block(
         greedy_rows = temperature < GREEDY_EPS
         if bool(greedy_rows.all()):
             temperature = None
-    tokens = torch.empty(b, gamma, dtype=torch.long, device=base_logits.device)
-    probs = [] if temperature is not None else None
-    conf_logits = []
+    # Positions past the calibrated ones keep temperature 1.
+    sts = list(sts_temperatures or [])[:gamma]
+    sts += [1.0] * (gamma - len(sts))
+    dev = hidden.device
+    tokens = torch.zeros(b, gamma, dtype=torch.long, device=dev)
+    probs = None
+    confidence = (torch.zeros(b, gamma, dtype=torch.float32, device=dev)
+                  if confidence_head is not None else None)
+    drafted = (torch.full((b,), gamma, dtype=torch.long, device=dev)
+               if admission_floor is not None else None)
+    # The rows still drafting (None: all, in order) and their per-row state, compacted.
+    rows = None
     prev = anchor_ids.long()
     state = markov_head.init_state(prev.shape, hidden) if markov_head is not None else None
+    survival = torch.ones(b, dtype=torch.float64, device=dev)
+    temp, greedy = temperature, greedy_rows
     for k in range(gamma):
-        logits = base_logits[:, k].float()
-        if markov_head is not None:
-            bias, state = markov_head.step(prev, hidden[:, k], state)
-            logits = logits + bias.float()
+        h = hidden[:, k] if rows is None else hidden[rows, k]
         if confidence_head is not None:
             emb = markov_head.prev_embed(prev) if confidence_head.with_markov else None
-            conf_logits.append(confidence_head(hidden[:, k], emb).float())
-        if temperature is None:
+            z = confidence_head(h, emb).float()
+            if sts[k] != 1.0:
+                z = z / torch.tensor([sts[k]], dtype=z.dtype, device=dev)
+            c = torch.sigmoid(z)
+            _put(confidence, rows, k, c)
+            if admission_floor is not None:
+                survival = survival * c.double()
+                keep = survival > admission_floor
+                if not bool(keep.all()):
+                    idx = torch.arange(b, device=dev) if rows is None else rows
+                    drafted[idx[~keep]] = k
+                    rows, h, prev, survival = idx[keep], h[keep], prev[keep], survival[keep]
+                    state = state[keep] if state is not None else None
+                    if temp is not None:
+                        temp, greedy = temp[keep], greedy[keep]
+                    if rows.numel() == 0:
+                        break
+        if callable(base_logits):
+            logits = base_logits(h).float()
+        else:
+            logits = (base_logits[:, k] if rows is None else base_logits[rows, k]).float()
+        if markov_head is not None:
+            bias, state = markov_head.step(prev, h, state)
+            logits = logits + bias.float()
+        if temp is None:
             tok = logits.argmax(dim=-1)
         else:
-            t = torch.where(greedy_rows, torch.ones_like(temperature), temperature)
+            t = torch.where(greedy, torch.ones_like(temp), temp)
             p = torch.softmax(logits / t[:, None].float(), dim=-1)
             # Exponential race (Gumbel-max): argmax p/E with E ~ Exp(1) samples from p.
             e = torch.empty_like(p).exponential_(generator=generator)
-            tok = torch.where(greedy_rows, logits.argmax(-1), (p / e).argmax(-1))
-            if probs is not None:
-                probs.append(p)
-        tokens[:, k] = tok
+            tok = torch.where(greedy, logits.argmax(-1), (p / e).argmax(-1))
+            if probs is None:
+                probs = p.new_zeros(b, gamma, p.shape[-1])
+            _put(probs, rows, k, p)
+        _put(tokens, rows, k, tok)
         prev = tok
-    confidence = None
-    if conf_logits:
-        z = torch.stack(conf_logits, dim=1)
-        if sts_temperatures is not None:
-            # Positions past the calibrated ones keep temperature 1.
-            temps = list(sts_temperatures[:gamma]) + [1.0] * (gamma - len(sts_temperatures))
-            z = z / torch.tensor(temps, device=z.device, dtype=z.dtype)
-        confidence = torch.sigmoid(z)
-    return DraftBlock(tokens, torch.stack(probs, 1) if probs is not None else None, confidence)
+    return DraftBlock(tokens, probs, confidence, drafted)
+
+
+def _put(out: torch.Tensor, rows: torch.Tensor | None, k: int, value: torch.Tensor) -> None:
+    """out[rows, k] = value (rows None: every row)."""
+    if rows is None:
+        out[:, k] = value
+    else:
+        out[rows, k] = value

@@ -149,6 +149,18 @@ class VerificationScheduler:
             return gamma
         return max(1, min(gamma, self._longest + 1))
 
+    def admission_floor(self, requests: int, gamma: int) -> float | None:
+        """The survival at or below which this step's Algorithm 1 admits nothing, for the
+        drafter to stop drafting a row there (``schedule.prefix.admission_floor``: same
+        SPS, same drafting time as ``lengths``). None unless ``causal``: §5.2 ranks by a
+        budget from older confidences, ``fixed`` verifies everything."""
+        if self.mode != "causal" or self.sps is None:
+            return None
+        from vllm_dspark.schedule.prefix import admission_floor, with_drafting_time
+
+        d = self.cost.seconds(requests) or 0.0
+        return admission_floor(with_drafting_time(self.sps, d), requests, gamma)
+
     def observe(self, requests: int, seconds: float) -> None:
         """After a drafted step: its drafting time."""
         self.cost.observe(requests, seconds)

@@ -6,6 +6,7 @@ turns calibrated confidences into per-request verification lengths.
 
 from vllm_dspark.schedule.prefix import (
     Schedule,
+    admission_floor,
     async_schedule,
     capacity_budget,
     causal_schedule,
@@ -24,7 +25,7 @@ from vllm_dspark.schedule.sps import (
 )
 
 __all__ = [
-    "SPSTable", "Schedule", "async_schedule", "cache_path", "capacity_budget",
+    "SPSTable", "Schedule", "admission_floor", "async_schedule", "cache_path", "capacity_budget",
     "causal_schedule", "causal_schedule_reference", "default_grid", "fixed_schedule",
     "load_cached", "measure", "store", "survival", "topk_schedule",
 ]

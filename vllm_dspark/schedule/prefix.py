@@ -10,6 +10,8 @@ The schedulers choose ℓ_r to maximise the batch throughput Θ = τ·SPS(B).
   steps old (global argmax of Θ, no early stop), the admitted tokens are the
   current top-K. Lossless because K cannot depend on the current drafts.
 - ``fixed_schedule``: verify every drafted token (the baseline).
+- ``admission_floor``: a survival value below which Algorithm 1 admits nothing, so a
+  drafter can stop drafting a row there (``decode.draft.sample_block``).
 
 Why the sorted greedy path gives prefixes: a_{r,j} ≤ a_{r,j-1} (confidences lie in
 [0, 1] and IEEE multiplication is monotone), and ties are broken by (r, j), so a
@@ -130,6 +132,34 @@ def causal_schedule(
     improves = theta[1:] > theta[:-1]  # -inf past the valid candidates never improves
     n_admit = torch.cumprod(improves.long(), 0).sum()  # length of the leading run of True
     return _finish(a, order, n_admit, tau, theta)
+
+
+def admission_floor(sps: SPSLike, requests: int, gamma: int) -> float:
+    """A survival value at or below which Algorithm 1 admits no candidate of a batch of
+    ``requests`` rows × ``gamma`` positions, whatever the other confidences are.
+
+    Why: with n candidates admitted (B = R + n), admitting one of value a improves Θ iff
+    (τ + a)·SPS(B+1) > τ·SPS(B), i.e. a > τ·g(B) with g(B) = SPS(B)/SPS(B+1) − 1. The n
+    admitted candidates all rank above it, so τ ≥ R + n·a, and admission needs
+    a·(1 − n·g) > R·g. The floor is the smallest bound R·g/(1 − n·g) over every reachable
+    n (no bound where 1 − n·g ≤ 0: nothing is admitted there). A candidate at or below
+    it fails wherever the walk meets it, so Algorithm 1 stops there; a drafter may leave
+    such a row's later positions undrafted (survival 0) without changing any length.
+    For a time per step linear in B the floor is R·slope / time(R) (less a 1e-9 relative
+    margin, so rounding in Θ can never admit what the floor ruled out).
+
+    0.0 when SPS(B+1) ≥ SPS(B) somewhere (a flat or noisy curve: every candidate may be
+    worth verifying there) or the curve is not finite."""
+    if requests <= 0 or gamma <= 0:
+        return 0.0
+    n = torch.arange(requests * gamma, dtype=torch.float64)
+    s = _sps_fn(sps)(torch.arange(requests, requests * (gamma + 1) + 1)).to(torch.float64)
+    g = s[:-1] / s[1:] - 1.0
+    if not bool(torch.isfinite(g).all()) or bool((g <= 0).any()):
+        return 0.0
+    room = 1.0 - n * g
+    bound = torch.where(room > 0, requests * g / room.clamp(min=1e-300), float("inf"))
+    return float(bound.min()) * (1.0 - 1e-9)  # a margin for Θ's own rounding
 
 
 def capacity_budget(

@@ -240,11 +240,19 @@ class DSparkProposer(DFlashProposer):
             )
         # The backbone drafts the whole block (its positions attend to each other); the
         # vocabulary projection and the sequential stage, most of the drafting time, run
-        # only over the positions the scheduler could still verify (draft_width).
-        width = sched.draft_width(gamma) if scheduled else gamma
+        # only where the scheduler could still verify. On CPU with Algorithm 1: rows stop
+        # at the survival floor below which it admits nothing (exact: the lengths are
+        # those of the whole block). Elsewhere: the first draft_width positions (one GEMM
+        # for all rows; per-row stops would cost a host sync per position on a GPU).
+        floor = (sched.admission_floor(b, gamma)
+                 if scheduled and self.device.type == "cpu" else None) or None
+        width = sched.draft_width(gamma) if scheduled and floor is None else gamma
         hidden = hidden[:n].view(b, gamma, -1)[:, :width]
-        base_logits = self.model.compute_draft_logits(
-            hidden.reshape(b * width, -1)).view(b, width, -1)
+        if floor is not None:
+            base_logits = self.model.compute_draft_logits  # per position, live rows only
+        else:
+            base_logits = self.model.compute_draft_logits(
+                hidden.reshape(b * width, -1)).view(b, width, -1)
         temperature = None if sampling_metadata.all_greedy else sampling_metadata.temperature
         block = sample_block(
             base_logits, hidden, next_token_ids,
@@ -253,6 +261,7 @@ class DSparkProposer(DFlashProposer):
             confidence_head=self.model.confidence_head,
             sts_temperatures=self.dspark.sts_temperatures,
             want_probs=self._enable_probabilistic_draft_probs,
+            admission_floor=floor,
         )
         self._last_draft_probs = block.probs
         self.last_confidence = block.confidence
@@ -282,9 +291,13 @@ class DSparkProposer(DFlashProposer):
         anchor_pos = self.positions[: b * gamma : gamma].tolist()
         conf = block.confidence.tolist() if block.confidence is not None else [None] * b
         lengths = self.last_lengths or [gamma] * b
+        # The positions each row sampled (all of the block's, unless the floor stopped it).
+        drafted = block.drafted.tolist() if block.drafted is not None else [None] * b
         with open(self._trace_path, "a") as f:
             for i in range(b):
+                m = drafted[i]
                 f.write(json.dumps({"req": req_ids[i], "anchor_pos": anchor_pos[i],
                                     "anchor": int(self.input_ids[i * gamma]), "gamma": gamma,
-                                    "drafts": block.tokens[i].tolist(),
-                                    "confidence": conf[i], "verify": lengths[i]}) + "\n")
+                                    "drafts": block.tokens[i, :m].tolist(),
+                                    "confidence": conf[i] and conf[i][:m],
+                                    "verify": lengths[i]}) + "\n")
