@@ -65,10 +65,13 @@ def test_greedy_output_is_the_targets(corrupted_oracle_pair, greedy_baseline, tm
     assert tokens(res) == want
     # On CPU, Algorithm 1's survival floor stops drafting rows it cannot admit (k = 16:
     # floor R/(16+R) ≈ 0.33 at 8 requests, against confidences ≈ 0.5: a row's second
-    # position already falls to it); the other modes, and a flat curve, draft every one.
+    # position already falls to it; with fewer requests left the floor is lower, and
+    # at 1 request, 1/17, every position may be drafted); the other modes, and a flat
+    # curve, draft every position.
     drafted = [len(r["drafts"]) for r in read_trace(str(trace))]
     if mode == "causal" and k == 16.0:
-        assert 0 < max(drafted) < GAMMA, sorted(set(drafted))
+        assert min(drafted) < GAMMA and sum(d < GAMMA for d in drafted) > len(drafted) / 2, \
+            sorted(set(drafted))
     else:
         assert set(drafted) == {GAMMA}, drafted
     m = res["metrics"]
