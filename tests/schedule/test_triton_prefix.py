@@ -172,7 +172,7 @@ if torch.cuda.is_available():
         """The engine's VerificationScheduler on CUDA (graphed kernels, fixed width γ)
         decides as on CPU (torch) when the proposer drafts narrower blocks
         (draft_width): the GPU path pads them with survival 0."""
-        from vllm_dspark.engine.verify_schedule import Settings, VerificationScheduler
+        from vllm_dspark.schedule.verification import Settings, VerificationScheduler
 
         table = tables()[2]
         gen = torch.Generator().manual_seed(3)

@@ -81,7 +81,7 @@ def check_speculative_dict(spec: dict, target_model_config) -> None:
         source=f"DSpark draft {path!r}",
     )
     check_weights(path, cfg)
-    from vllm_dspark.engine.verify_schedule import read_settings
+    from vllm_dspark.schedule.verification import read_settings
 
     read_settings(cfg)  # VLLM_DSPARK_SCHEDULER / VLLM_DSPARK_SPS
 

@@ -4,7 +4,7 @@
 
 Starts the engine once with ``VLLM_DSPARK_SPS=profile`` in a child process (the
 same warm-up-then-measure path the engine uses at start-up, see
-``vllm_dspark.engine.verify_schedule.profile_sps``) with a private cache
+``vllm_dspark.engine.sps_profile.profile_sps``) with a private cache
 directory, and copies the measured table to ``--out``; pass that file as
 ``VLLM_DSPARK_SPS`` to skip profiling at start-up.
 """

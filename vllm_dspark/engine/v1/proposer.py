@@ -87,9 +87,9 @@ class DSparkProposer(DFlashProposer):
         self.verify_scheduler = None
 
     def attach_verification_scheduler(self) -> None:
-        from vllm_dspark.engine import verify_schedule
+        from vllm_dspark.engine import sps_profile
 
-        self.verify_scheduler = verify_schedule.build(self._runner, self.dspark)
+        self.verify_scheduler = sps_profile.build(self._runner, self.dspark, self.gamma)
 
     def load_model(self, target_model) -> None:
         super().load_model(target_model)

@@ -1,11 +1,14 @@
-"""Confidence-scheduled verification inside vLLM (paper §3.2.2, §5.2): knobs, SPS, lengths.
+"""Confidence-scheduled verification (paper §3.2.2, §5.2): knobs and per-step lengths.
 
-Each step the proposer drafts γ tokens per request with confidences; this module
-turns them into per-request verification lengths ℓ_r (``vllm_dspark.schedule``)
-and the proposer hands vLLM's scheduler only those prefixes, so vLLM verifies
-Σ ℓ_r draft tokens instead of R·γ. vLLM's own spec-decode counters then export
-what was verified (``vllm:spec_decode_num_draft_tokens / num_drafts`` = verified
-draft tokens per request per step) and the acceptance rate.
+Engine-free (torch only). Each step the drafter drafts γ tokens per request with
+confidences; ``VerificationScheduler`` turns them into per-request verification
+lengths ℓ_r (``schedule.prefix``) and the runner hands vLLM's scheduler only those
+prefixes, so vLLM verifies Σ ℓ_r draft tokens instead of R·γ. vLLM's own spec-decode
+counters then export what was verified (``vllm:spec_decode_num_draft_tokens /
+num_drafts`` = verified draft tokens per request per step) and the acceptance rate.
+What needs vLLM (profiling SPS with the runner's forward passes, building the
+scheduler after warm-up) is ``vllm_dspark.engine.sps_profile``; the per-round policy
+a runner follows (gate, width, floor, lengths, timing) is ``schedule/round.py``.
 
 Knobs (read in every process; checked at start-up, before workers exist):
 
@@ -25,8 +28,8 @@ Knobs (read in every process; checked at start-up, before workers exist):
 On a GPU the decision is one CUDA-graphed Triton kernel (``schedule/triton_prefix``).
 
 Shortening drafts needs the drafts on the host before vLLM schedules them; with
-vLLM's async scheduling (GPU) the step's draft count is fixed, so the schedulers
-fall back to ``fixed`` there and say so once.
+vLLM's async scheduling (GPU) the step's draft count is fixed, so the engine falls
+back to ``fixed`` there and says so once (``engine/sps_profile.build``).
 """
 
 from __future__ import annotations
@@ -111,9 +114,9 @@ class VerificationScheduler:
         self.cost = DraftCost(fixed=settings.draft_cost)
         self.gate = None
         self._deciders: dict = {}  # GPU: one CUDA-graphed kernel per stopping rule
-        self.max_requests = 256  # set from max_num_seqs by ``build``
+        self.max_requests = 256  # set from max_num_seqs by ``engine.sps_profile.build``
         self._longest: int | None = None  # the longest ℓ_r of the last decision
-        self.gamma: int | None = None  # the drafter's γ (the GPU decider's width); ``build``
+        self.gamma: int | None = None  # the drafter's γ (the GPU decider's width), set by ``build``
         self._history: deque[torch.Tensor] = deque(maxlen=2)  # confidences, [R, γ] per step
         if sps is not None:
             self.set_sps(sps)
@@ -221,65 +224,3 @@ class VerificationScheduler:
                     m: tp.GraphedDecider(self.sps, gamma, n, device, m)
                     for m in ((tp.CAUSAL,) if self.mode == "causal" else (tp.CAPACITY, tp.TOPK))}
         return self._deciders[device]
-
-
-def profile_sps(runner) -> object:
-    """Measure SPS(B) with the runner's own dummy forward passes (after warm-up, so the
-    compiled graphs and CUDA-graph buckets are what serving uses), or reuse the cache."""
-    import vllm
-    from vllm.logger import init_logger
-
-    from vllm_dspark.schedule import sps as sps_mod
-
-    log = init_logger(__name__)
-    mc = runner.vllm_config.model_config
-    dev = runner.device
-    device_name = (torch.cuda.get_device_name(dev) if dev.type == "cuda"
-                   else f"cpu-{os.cpu_count()}")
-    key = dict(model=str(mc.model), dtype=str(mc.dtype), device_name=device_name,
-               vllm_version=vllm.__version__)
-    cached = sps_mod.load_cached(**key)
-    if cached is not None:
-        log.info("vllm-dspark: SPS profile from cache (%d sizes)", len(cached.b))
-        return cached
-    sc = runner.vllm_config.scheduler_config
-    gamma = runner.drafter.gamma
-    max_tokens = min(sc.max_num_batched_tokens, sc.max_num_seqs * (gamma + 1))
-    capture = runner.vllm_config.compilation_config.cudagraph_capture_sizes
-    graphs = dev.type == "cuda" and bool(capture) and not runner.model_config.enforce_eager
-    if graphs:  # the captured sizes are the step function's breakpoints
-        grid = sps_mod.default_grid(max(max_tokens, 2), capture)
-        warmup, iters, sync = 3, 10, torch.cuda.synchronize
-    else:
-        # No graphs: time per step is smooth in B (interpolated, extrapolated past the
-        # table), so powers of two up to 256 suffice and keep CPU start-up short.
-        grid = [b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b <= max(max_tokens, 2)]
-        warmup, iters = 1, 2
-        sync = torch.cuda.synchronize if dev.type == "cuda" else None
-    table = sps_mod.measure(lambda b: runner._dummy_run(b, skip_eplb=True), grid,
-                            warmup=warmup, iters=iters, sync=sync,
-                            max_capture_size=max(capture) if graphs else None, **key)
-    path = sps_mod.store(table)
-    log.info("vllm-dspark: profiled SPS(B) at %d sizes -> %s", len(grid), path)
-    return table
-
-
-def build(runner, cfg: DSparkConfig) -> VerificationScheduler:
-    """The engine's scheduler, after warm-up (profiles SPS when asked to)."""
-    from vllm.logger import init_logger
-
-    settings = read_settings(cfg)
-    sched = VerificationScheduler(settings)
-    if settings.mode == "fixed":
-        return sched
-    if runner.vllm_config.scheduler_config.async_scheduling:
-        init_logger(__name__).warning(
-            "vllm-dspark: %s=%s needs per-request draft lengths, which vLLM's async "
-            "scheduling does not allow; verifying all γ drafts (pass async_scheduling="
-            "False to enable the scheduler).", SCHEDULER_ENV, settings.mode)
-        sched.mode = "fixed"
-        return sched
-    sched.max_requests = runner.vllm_config.scheduler_config.max_num_seqs
-    sched.gamma = runner.drafter.gamma
-    sched.set_sps(settings.table if settings.table is not None else profile_sps(runner))
-    return sched
