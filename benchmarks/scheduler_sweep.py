@@ -109,7 +109,7 @@ def main() -> None:
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
     import torch
 
-    from vllm_dspark.engine.launch import engine_dtype, engine_env
+    from vllm_dspark.launch import engine_dtype, engine_env
     from vllm_dspark.prompts import read_prompts
 
     prompts = read_prompts(args.prompts)[: max(args.concurrency)]

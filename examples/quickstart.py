@@ -38,7 +38,7 @@ def run_engine(args: argparse.Namespace) -> None:
     import torch
     from vllm import LLM, SamplingParams
 
-    from vllm_dspark.engine.launch import engine_dtype
+    from vllm_dspark.launch import engine_dtype
 
     on_gpu = torch.cuda.is_available()
     kwargs = dict(model=args.target, max_model_len=2048, disable_log_stats=False, seed=0,
@@ -76,7 +76,7 @@ def main() -> None:
     if args.engine:
         return run_engine(args)
 
-    from vllm_dspark.engine.launch import engine_env
+    from vllm_dspark.launch import engine_env
 
     if not args.target:
         from vllm_dspark.targets import build_smollm2

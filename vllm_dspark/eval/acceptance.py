@@ -38,7 +38,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from vllm_dspark.config import DSparkConfig
-from vllm_dspark.engine.launch import engine_dtype, engine_env
+from vllm_dspark.launch import engine_dtype, engine_env
 from vllm_dspark.prompts import chat_prompt_ids, read_prompts
 
 OUR_PLUGIN = "dspark"  # our name under vllm.general_plugins (pyproject entry point)

@@ -44,7 +44,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from vllm_dspark.config import DSparkConfig
-    from vllm_dspark.engine.launch import engine_dtype, engine_env
+    from vllm_dspark.launch import engine_dtype, engine_env
 
     DSparkConfig.from_dir(args.draft)  # a clear error before any engine starts
     dtype = engine_dtype(args.dtype)

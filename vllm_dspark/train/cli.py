@@ -69,7 +69,7 @@ def _check(args: argparse.Namespace) -> None:
 
 
 def generate_data(args: argparse.Namespace, data: str) -> None:
-    from vllm_dspark.engine.launch import engine_dtype
+    from vllm_dspark.launch import engine_dtype
 
     cmd = [sys.executable, "-m", "vllm_dspark.train.data", "--target", args.target,
            "--out", data, "--seed", str(args.seed), "--max-len", str(args.max_len),
