@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 
 import torch
 from vllm.forward_context import set_forward_context
@@ -40,6 +39,7 @@ from vllm.v1.spec_decode.llm_base_proposer import SpecDecodeBaseProposer
 
 from vllm_dspark.config import DSparkConfig
 from vllm_dspark.decode.draft import sample_block
+from vllm_dspark.schedule.round import RoundPolicy
 
 logger = init_logger(__name__)
 
@@ -83,13 +83,17 @@ class DSparkProposer(DFlashProposer):
         # Context (hidden states, positions, slots) of skipped steps, not yet stored.
         self._deferred: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self._deferred_tokens = 0
-        # Set after warm-up (engine/patches.py: install_verification_scheduler).
+        # Set after warm-up (engine/v1/patches.py: install_verification_scheduler);
+        # until then every round drafts and verifies all γ.
         self.verify_scheduler = None
+        self.round_policy = RoundPolicy()
 
     def attach_verification_scheduler(self) -> None:
         from vllm_dspark.engine import sps_profile
 
         self.verify_scheduler = sps_profile.build(self._runner, self.dspark, self.gamma)
+        self.round_policy = RoundPolicy(self.verify_scheduler,
+                                        confidence=self.model.confidence_head is not None)
 
     def load_model(self, target_model) -> None:
         super().load_model(target_model)
@@ -208,10 +212,9 @@ class DSparkProposer(DFlashProposer):
         self._last_draft_probs = None
         self.last_confidence = None
         b = common_attn_metadata.batch_size()
-        sched = self.verify_scheduler
-        scheduled = sched is not None and sched.active and self.model.confidence_head is not None
+        policy = self.round_policy  # schedule/round.py: the order of its calls matters
         # Drafting cannot pay at this load (schedule/gate.py): verify nothing.
-        skip = gamma > 0 and scheduled and not sched.should_draft(b, lambda: self._decode_tokens(
+        skip = policy.skip(b, gamma, lambda: self._decode_tokens(
             gamma, target_positions, common_attn_metadata, num_rejected_tokens_gpu))
         num_ctx = self._prepare_context(target_positions, common_attn_metadata)
         self._store_context(target_hidden_states[:num_ctx], defer=gamma == 0 or skip)
@@ -220,9 +223,7 @@ class DSparkProposer(DFlashProposer):
         if skip:
             self.last_lengths = [0] * b
             return [[] for _ in range(b)]
-        if scheduled and self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)  # time the drafting alone
-        t_draft = time.perf_counter()
+        t_draft = policy.start(self.device)  # the drafting time counts from here
 
         block_cad = self._prepare_block(gamma, next_token_ids, target_positions,
                                         common_attn_metadata, num_rejected_tokens_gpu)
@@ -240,13 +241,11 @@ class DSparkProposer(DFlashProposer):
             )
         # The backbone drafts the whole block (its positions attend to each other); the
         # vocabulary projection and the sequential stage, most of the drafting time, run
-        # only where the scheduler could still verify. On CPU with Algorithm 1: rows stop
-        # at the survival floor below which it admits nothing (exact: the lengths are
-        # those of the whole block). Elsewhere: the first draft_width positions (one GEMM
-        # for all rows; per-row stops would cost a host sync per position on a GPU).
-        floor = (sched.admission_floor(b, gamma)
-                 if scheduled and self.device.type == "cpu" else None) or None
-        width = sched.draft_width(gamma) if scheduled and floor is None else gamma
+        # only where the scheduler could still verify (RoundPolicy.plan): on CPU with
+        # Algorithm 1, rows stop at the survival floor below which it admits nothing;
+        # elsewhere the first plan.width positions (one GEMM for all rows).
+        plan = policy.plan(b, gamma, self.device.type)
+        floor, width = plan.floor, plan.width
         hidden = hidden[:n].view(b, gamma, -1)[:, :width]
         if floor is not None:
             base_logits = self.model.compute_draft_logits  # per position, live rows only
@@ -265,12 +264,11 @@ class DSparkProposer(DFlashProposer):
         )
         self._last_draft_probs = block.probs
         self.last_confidence = block.confidence
-        self.last_lengths = sched.lengths(block.confidence) if scheduled else None
-        if scheduled:  # .tolist() in lengths() synchronised: the time is the drafting's
-            sched.observe(b, time.perf_counter() - t_draft)
+        # The lengths, then the drafting time (lengths' .tolist() synchronised).
+        self.last_lengths = policy.finish(block.confidence, b, t_draft)
         if self._trace_path:
             self._trace(block, gamma)
-        if scheduled:
+        if self.last_lengths is not None:
             # Hand vLLM only the prefixes worth verifying; it then verifies (and
             # its rejection sampler reads q for) exactly those tokens.
             return [row[:n] for row, n in zip(block.tokens.tolist(), self.last_lengths)]
