@@ -85,3 +85,39 @@ def test_confidence_head_is_eq7(with_markov):
     x = torch.cat([h, e], -1) if with_markov else h
     want = x @ head.proj.weight[0] + head.proj.bias[0]
     torch.testing.assert_close(head(h, e if with_markov else None), want)
+
+
+@pytest.mark.parametrize("kind", MARKOV_HEAD_TYPES)
+@pytest.mark.parametrize("rank,confidence,with_markov", [
+    (R, False, False), (R, True, False), (R, True, True), (0, True, False), (0, False, False),
+])
+def test_build_heads_follows_the_config(kind, rank, confidence, with_markov):
+    """build_heads is the one reading of the head keys of config.json, for the torch
+    drafter and the engine model (which converts the same modules to float32)."""
+    from vllm_dspark.config import DSparkConfig
+    from vllm_dspark.model.drafter import DSparkDrafter
+    from vllm_dspark.model.heads import build_heads
+
+    cfg = DSparkConfig.from_dict({
+        "architectures": ["Qwen3DSparkModel"], "model_type": "qwen3", "hidden_size": H,
+        "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
+        "head_dim": 4, "intermediate_size": 8, "vocab_size": V, "target_layer_ids": [0],
+        "mask_token_id": 1, "block_size": G, "markov_rank": rank, "markov_head_type": kind,
+        "enable_confidence_head": confidence, "confidence_head_with_markov": with_markov})
+    markov, conf = build_heads(cfg)
+    if rank == 0:
+        assert markov is None
+    else:
+        assert markov.head_type == kind
+        assert (markov.vocab_size, markov.rank, markov.hidden_size) == (V, rank, H)
+    if not confidence:
+        assert conf is None
+    else:
+        assert conf.with_markov == with_markov
+        assert conf.proj.in_features == H + (rank if with_markov else 0)
+    drafter = DSparkDrafter(cfg)  # the torch drafter builds exactly these heads
+    for built, own in ((markov, drafter.markov_head), (conf, drafter.confidence_head)):
+        assert type(built) is type(own)
+        if built is not None:
+            assert {k: v.shape for k, v in built.state_dict().items()} == \
+                {k: v.shape for k, v in own.state_dict().items()}

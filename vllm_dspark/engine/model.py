@@ -19,8 +19,7 @@ import torch
 from vllm.model_executor.models.qwen3_dspark import Qwen3DSparkForCausalLM
 
 from vllm_dspark.config import DSparkConfig, DSparkConfigError
-from vllm_dspark.model.confidence_head import ConfidenceHead
-from vllm_dspark.model.markov_head import build_markov_head
+from vllm_dspark.model.heads import build_heads
 
 HEAD_PREFIXES = ("markov_head.", "confidence_head.")
 
@@ -39,16 +38,9 @@ class DSparkForCausalLM(Qwen3DSparkForCausalLM):
         # Heads run in float32 whatever the model dtype: they are small next to the
         # backbone, and the distribution q handed to the rejection sampler is then
         # computed at full precision.
-        markov = build_markov_head(
-            cfg.markov_head_type, vocab_size=cfg.vocab_size, rank=cfg.markov_rank,
-            hidden_size=cfg.hidden_size,
-        )
+        markov, conf = build_heads(cfg)
         self.model.markov_head = markov.float() if markov is not None else None
-        self.model.confidence_head = (
-            ConfidenceHead(hidden_size=cfg.hidden_size, markov_rank=cfg.markov_rank,
-                           with_markov=cfg.confidence_head_with_markov).float()
-            if cfg.enable_confidence_head else None
-        )
+        self.model.confidence_head = conf.float() if conf is not None else None
 
     @property
     def markov_head(self):

@@ -21,8 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vllm_dspark.config import DSparkConfig
-from vllm_dspark.model.confidence_head import ConfidenceHead
-from vllm_dspark.model.markov_head import build_markov_head
+from vllm_dspark.model.heads import build_heads
 
 
 def target_features(hidden_states, target_layer_ids: list[int]) -> torch.Tensor:
@@ -130,14 +129,7 @@ class DSparkDrafter(nn.Module):
         self.fc = nn.Linear(len(cfg.target_layer_ids) * h, h, bias=False)
         self.hidden_norm = RMSNorm(h, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(h, cfg.vocab_size, bias=False)
-        self.markov_head = build_markov_head(
-            cfg.markov_head_type, vocab_size=cfg.vocab_size, rank=cfg.markov_rank, hidden_size=h
-        )
-        self.confidence_head = (
-            ConfidenceHead(hidden_size=h, markov_rank=cfg.markov_rank,
-                           with_markov=cfg.confidence_head_with_markov)
-            if cfg.enable_confidence_head else None
-        )
+        self.markov_head, self.confidence_head = build_heads(cfg)
 
     # Names the target owns; a checkpoint may omit them and share the target's.
     SHARED_WITH_TARGET = ("embed_tokens.weight", "lm_head.weight")
