@@ -1,4 +1,7 @@
-"""One test per patch in vllm_dspark/engine/patches.py (see engine/PATCHES.md)."""
+"""One test per patch (engine/patches.py, engine/v1/patches.py; see engine/PATCHES.md), and
+the ledger held to what apply_all installs."""
+
+import os
 
 import pytest
 import torch
@@ -70,7 +73,7 @@ def test_the_embedding_state_is_captured_as_a_copy():
 
 def test_expand_kernel_twin_writes_float_outputs():
     """Upstream's CPU override wrote into an int64 copy; ours fills the real tensor."""
-    from vllm_dspark.engine.patches import _expand_kernel_impl
+    from vllm_dspark.engine.v1.patches import _expand_kernel_impl
 
     out = torch.full((6,), -7.0)
     temps = torch.tensor([0.5, -1.0, 2.0])
@@ -85,7 +88,8 @@ def test_expand_kernel_is_replaced_on_cpu():
     from vllm.platforms import current_platform
     from vllm.utils import cpu_triton_utils
 
-    from vllm_dspark.engine.patches import _expand_kernel_impl, apply_all
+    from vllm_dspark.engine.patches import apply_all
+    from vllm_dspark.engine.v1.patches import _expand_kernel_impl
 
     if not current_platform.is_cpu():
         pytest.skip("the fix applies to the CPU platform only")
@@ -97,7 +101,7 @@ def test_verification_scheduler_hook_is_installed_once():
     from vllm.platforms import current_platform
     from vllm.v1.worker.gpu_worker import Worker
 
-    from vllm_dspark.engine.patches import install_verification_scheduler
+    from vllm_dspark.engine.v1.patches import install_verification_scheduler
 
     classes = [Worker]
     if current_platform.is_cpu():  # never imported on a GPU (see the next test)
@@ -123,7 +127,7 @@ def test_gpu_platforms_never_import_the_cpu_worker():
         "from vllm.platforms import current_platform\n"
         "current_platform.is_cpu = lambda: False\n"
         "stream = torch.cuda.Stream\n"
-        "from vllm_dspark.engine.patches import install_verification_scheduler\n"
+        "from vllm_dspark.engine.v1.patches import install_verification_scheduler\n"
         "install_verification_scheduler()\n"
         "assert 'vllm.v1.worker.cpu_worker' not in sys.modules\n"
         "assert torch.cuda.Stream is stream\n"
@@ -165,7 +169,7 @@ def test_the_worker_attaches_its_drafts_to_the_output(monkeypatch):
     from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, DraftTokenIds
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-    from vllm_dspark.engine import patches
+    from vllm_dspark.engine.v1 import patches
 
     patches.carry_drafts_in_the_output()
     drafts = DraftTokenIds(["a", "b"], [[5, 6], []])
@@ -200,7 +204,7 @@ def test_the_executor_answers_take_draft_token_ids_from_the_output():
 
     from vllm.v1.executor.multiproc_executor import MultiprocExecutor
 
-    from vllm_dspark.engine import patches
+    from vllm_dspark.engine.v1 import patches
 
     patches.carry_drafts_in_the_output()
     calls = []
@@ -231,3 +235,72 @@ def test_the_executor_answers_take_draft_token_ids_from_the_output():
     ex.sample_tokens(None)
     assert ex.take_draft_token_ids() == "from-the-worker"
     assert calls.count("take_draft_token_ids") == 3  # the three cases since clear()
+
+
+LEDGER = os.path.join(os.path.dirname(__file__), "..", "..", "vllm_dspark", "engine",
+                      "PATCHES.md")
+MODULES = {"all": "vllm_dspark.engine.patches", "V1": "vllm_dspark.engine.v1.patches",
+           "V2": "vllm_dspark.engine.v2.patches"}
+
+
+def ledger_rows() -> dict[str, dict[str, str]]:
+    """PATCHES.md's table: patch name -> its cells by column name."""
+    lines = [ln.strip() for ln in open(LEDGER, encoding="utf-8")]
+    start = next(i for i, ln in enumerate(lines) if ln.startswith("| Patch |"))
+    header = [c.strip() for c in lines[start].strip("|").split("|")]
+    rows = {}
+    for ln in lines[start + 2:]:
+        if not ln.startswith("|"):
+            break
+        cells = [c.strip() for c in ln.strip("|").split("|")]
+        assert len(cells) == len(header), f"a '|' inside a cell of PATCHES.md: {ln[:80]}"
+        row = dict(zip(header, cells))
+        name = row["Patch"].strip("`")
+        assert name not in rows, f"PATCHES.md lists {name} twice"
+        rows[name] = row
+    return rows
+
+
+def test_the_ledger_lists_exactly_what_apply_all_installs():
+    """PATCHES.md has one row per patch in patches.registry() (the runner-neutral and V1
+    patches, then engine/v2/patches.py's PATCHES where it exists), with the Runner and
+    Scope its @patch marks, and each patch lives in its runner's module."""
+    from vllm_dspark.engine import patches
+
+    rows = ledger_rows()
+    installed = {fn.__name__: fn for fn in patches.registry()}
+    assert len(installed) == len(patches.registry())
+    assert set(rows) == set(installed), (
+        f"only in PATCHES.md: {sorted(set(rows) - set(installed))}; "
+        f"installed without a row: {sorted(set(installed) - set(rows))}")
+    assert list(rows) == list(installed), "PATCHES.md lists them in apply_all's order"
+    for name, fn in installed.items():
+        meta = getattr(fn, "dspark_patch", None)
+        assert meta is not None, f"{name}: mark it @patch(runner=..., scope=...)"
+        assert (rows[name]["Runner"], rows[name]["Scope"]) == (meta["runner"], meta["scope"]), \
+            name
+        assert fn.__module__ == MODULES[meta["runner"]], (name, fn.__module__)
+
+
+def test_apply_all_installs_the_registry_in_order(monkeypatch):
+    import importlib
+
+    from vllm_dspark.engine import patches
+
+    calls, expected = [], [fn.__name__ for fn in patches.registry()]
+    for fn in patches.registry():
+        monkeypatch.setattr(importlib.import_module(fn.__module__), fn.__name__,
+                            lambda name=fn.__name__: calls.append(name))
+    v2 = patches._v2_patches()
+    if v2 is not None:  # its apply() installs its PATCHES, in order
+        monkeypatch.setattr(v2, "PATCHES", tuple(
+            (lambda name=fn.__name__: calls.append(name)) for fn in v2.PATCHES))
+    monkeypatch.setattr(patches, "_applied", False)
+    patches.apply_all()
+    assert calls == expected
+    assert calls[:3] == ["register_draft_model", "allow_dspark_on_v1_runner",
+                         "validate_draft_at_startup"]
+    calls.clear()
+    patches.apply_all()  # once per process
+    assert calls == []
+
