@@ -42,6 +42,29 @@ def test_knobs(tmp_path):
             read_settings(_cfg(), {"VLLM_DSPARK_DRAFT_COST": bad_cost})
 
 
+
+@pytest.mark.parametrize("text", [
+    "{not json",  # unreadable
+    '{"format": "vllm-dspark-sps/1", "batch_sizes": [4, 2], "steps_per_s": [1, 2], '
+    '"meta": {"model": "m", "dtype": "d", "device_name": "x", "vllm_version": "v"}}',
+    '{"format": "vllm-dspark-sps/0"}',
+])
+def test_a_malformed_user_table_is_not_called_the_cache(tmp_path, text):
+    """VLLM_DSPARK_SPS names the user's own file: deleting it (the cache's fix) would only
+    give the next error, so the message says to write it again or to profile."""
+    bad = tmp_path / "mine.json"
+    bad.write_text(text)
+    with pytest.raises(DSparkConfigError) as e:
+        read_settings(_cfg(), {"VLLM_DSPARK_SPS": str(bad)})
+    msg = str(e.value)
+    assert str(bad) in msg and "VLLM_DSPARK_SPS" in msg
+    assert "delete" not in msg and "re-profile" not in msg
+    assert f"vllm-dspark profile --target TARGET --draft DRAFT --out {bad}" in msg
+    assert "VLLM_DSPARK_SPS=profile" in msg
+    # The engine's own cache keeps its fix: delete it and the engine measures again.
+    with pytest.raises(DSparkConfigError, match="delete the file"):
+        SPSTable.load(str(bad))
+
 def test_draft_width_follows_the_last_decision():
     """With the measured drafting cost the proposer projects only the block positions
     that could still be verified: one more than the longest prefix verified last step

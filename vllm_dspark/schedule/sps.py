@@ -35,7 +35,17 @@ from vllm_dspark.config import DSparkConfigError
 
 FORMAT = "vllm-dspark-sps/1"
 META_KEYS = ("model", "dtype", "device_name", "vllm_version")
-_FIX = "re-profile (delete the file; the engine measures SPS again at start-up)"
+# What to do about a bad table depends on whose file it is: the engine's cache is
+# rebuilt by deleting it, a user's own table (VLLM_DSPARK_SPS=FILE) by profiling again.
+CACHE_FIX = "re-profile (delete the file; the engine measures SPS again at start-up)"
+
+
+def user_fix(path: str) -> str:
+    """The advice for a malformed table the user named (``VLLM_DSPARK_SPS=path``): deleting
+    it would only trade this error for "no such file"."""
+    return (f"it is the table VLLM_DSPARK_SPS names, not the engine's cache: write it again "
+            f"with `vllm-dspark profile --target TARGET --draft DRAFT --out {path}`, or set "
+            "VLLM_DSPARK_SPS=profile (or unset it) to measure SPS at start-up")
 
 
 @dataclass(frozen=True)
@@ -105,12 +115,13 @@ class SPSTable:
                 "meta": self.meta()}
 
     @classmethod
-    def from_dict(cls, d: Any, *, source: str = "SPS table") -> SPSTable:
+    def from_dict(cls, d: Any, *, source: str = "SPS table", fix: str = CACHE_FIX) -> SPSTable:
+        """The table in ``d``; one DSparkConfigError naming the problem and ``fix``."""
         if not isinstance(d, dict):
-            raise DSparkConfigError(f"{source} is not a JSON object; {_FIX}.")
+            raise DSparkConfigError(f"{source} is not a JSON object; {fix}.")
         if d.get("format") != FORMAT:
             raise DSparkConfigError(
-                f"{source} has format {d.get('format')!r}, expected {FORMAT!r}; {_FIX}.")
+                f"{source} has format {d.get('format')!r}, expected {FORMAT!r}; {fix}.")
         missing = [k for k in ("batch_sizes", "steps_per_s", "meta") if k not in d]
         meta = d.get("meta")
         if not missing and isinstance(meta, dict):
@@ -118,8 +129,8 @@ class SPSTable:
         elif not missing:
             missing = ["meta (an object)"]
         if missing:
-            raise DSparkConfigError(f"{source} lacks the key(s) {missing}; {_FIX}.")
-        _validate(d["batch_sizes"], d["steps_per_s"], source)
+            raise DSparkConfigError(f"{source} lacks the key(s) {missing}; {fix}.")
+        _validate(d["batch_sizes"], d["steps_per_s"], source, fix)
         mcs = meta.get("max_capture_size")
         return cls(b=d["batch_sizes"], sps=d["steps_per_s"],
                    model=str(meta["model"]), dtype=str(meta["dtype"]),
@@ -137,41 +148,43 @@ class SPSTable:
         os.replace(tmp, path)
 
     @classmethod
-    def load(cls, path: str) -> SPSTable:
+    def load(cls, path: str, *, fix: str = CACHE_FIX) -> SPSTable:
+        """Read a table; ``fix`` is the advice for a malformed one (default: the cache's,
+        delete it; ``user_fix(path)`` for a table the user wrote or named)."""
         try:
             with open(path) as f:
                 d = json.load(f)
         except json.JSONDecodeError as e:
-            raise DSparkConfigError(f"SPS table {path} is not valid JSON ({e}); {_FIX}.") from e
-        return cls.from_dict(d, source=f"SPS table {path}")
+            raise DSparkConfigError(f"SPS table {path} is not valid JSON ({e}); {fix}.") from e
+        return cls.from_dict(d, source=f"SPS table {path}", fix=fix)
 
 
-def _validate(b: Any, s: Any, source: str) -> None:
+def _validate(b: Any, s: Any, source: str, fix: str = CACHE_FIX) -> None:
     """One DSparkConfigError naming the first problem found, and the fix."""
     if not isinstance(b, (list, tuple)) or not isinstance(s, (list, tuple)):
-        raise DSparkConfigError(f"{source}: batch_sizes and steps_per_s must be lists; {_FIX}.")
+        raise DSparkConfigError(f"{source}: batch_sizes and steps_per_s must be lists; {fix}.")
     if len(b) != len(s):
         raise DSparkConfigError(
-            f"{source}: {len(b)} batch_sizes but {len(s)} steps_per_s (lengths differ); {_FIX}.")
+            f"{source}: {len(b)} batch_sizes but {len(s)} steps_per_s (lengths differ); {fix}.")
     if len(b) < 2:
         raise DSparkConfigError(
             f"{source} has {len(b)} point(s); at least 2 are needed (the tail extrapolation "
-            f"uses the last two); {_FIX}.")
+            f"uses the last two); {fix}.")
     for x in b:
         if isinstance(x, bool) or not isinstance(x, int):
-            raise DSparkConfigError(f"{source}: batch size {x!r} is not an integer; {_FIX}.")
+            raise DSparkConfigError(f"{source}: batch size {x!r} is not an integer; {fix}.")
         if x < 1:
-            raise DSparkConfigError(f"{source}: batch size {x} < 1 (B counts tokens); {_FIX}.")
+            raise DSparkConfigError(f"{source}: batch size {x} < 1 (B counts tokens); {fix}.")
     for x0, x1 in zip(b, b[1:]):
         if x1 <= x0:
             raise DSparkConfigError(
                 f"{source}: batch_sizes must be strictly increasing, found {x0} then {x1} "
-                f"(non-increasing or duplicate); {_FIX}.")
+                f"(non-increasing or duplicate); {fix}.")
     for x in s:
         ok = isinstance(x, (int, float)) and not isinstance(x, bool)
         if not ok or not math.isfinite(x) or x <= 0:
             raise DSparkConfigError(
-                f"{source}: steps_per_s value {x!r} is not a positive finite number; {_FIX}.")
+                f"{source}: steps_per_s value {x!r} is not a positive finite number; {fix}.")
 
 
 # ---------------------------------------------------------------------- cache

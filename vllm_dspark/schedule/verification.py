@@ -74,13 +74,14 @@ def read_settings(cfg: DSparkConfig, environ=None) -> Settings:
     sps = env.get(SPS_ENV, "").strip() or "profile"
     table = None
     if mode != "fixed" and sps != "profile":
-        from vllm_dspark.schedule.sps import SPSTable
+        from vllm_dspark.schedule.sps import SPSTable, user_fix
 
         if not os.path.isfile(sps):
             raise DSparkConfigError(
                 f"{SPS_ENV}={sps!r}: no such file; give a table written by "
                 "`vllm-dspark profile`, or 'profile' to measure one at start-up.")
-        table = SPSTable.load(sps)  # raises DSparkConfigError naming what is malformed
+        # A DSparkConfigError naming what is malformed, and the fix for a user's file.
+        table = SPSTable.load(sps, fix=user_fix(sps))
     return Settings(mode=mode, sps=sps, table=table, draft_cost=_draft_cost(env))
 
 
