@@ -71,9 +71,7 @@ def sample_block(
         greedy_rows = temperature < GREEDY_EPS
         if bool(greedy_rows.all()):
             temperature = None
-    # Positions past the calibrated ones keep temperature 1.
-    sts = list(sts_temperatures or [])[:gamma]
-    sts += [1.0] * (gamma - len(sts))
+    sts = sts_per_position(sts_temperatures, gamma)
     dev = hidden.device
     tokens = torch.zeros(b, gamma, dtype=torch.long, device=dev)
     probs = None
@@ -90,11 +88,7 @@ def sample_block(
     for k in range(gamma):
         h = hidden[:, k] if rows is None else hidden[rows, k]
         if confidence_head is not None:
-            emb = markov_head.prev_embed(prev) if confidence_head.with_markov else None
-            z = confidence_head(h, emb).float()
-            if sts[k] != 1.0:
-                z = z / torch.tensor([sts[k]], dtype=z.dtype, device=dev)
-            c = torch.sigmoid(z)
+            c = position_confidence(confidence_head, markov_head, h, prev, sts[k])
             _put(confidence, rows, k, c)
             if admission_floor is not None:
                 survival = survival * c.double()
@@ -129,6 +123,28 @@ def sample_block(
         _put(tokens, rows, k, tok)
         prev = tok
     return DraftBlock(tokens, probs, confidence, drafted)
+
+
+def sts_per_position(sts_temperatures: list[float] | None, gamma: int) -> list[float]:
+    """The STS temperature of each of γ positions; past the calibrated ones, 1."""
+    sts = [float(t) for t in (sts_temperatures or [])][:gamma]
+    return sts + [1.0] * (gamma - len(sts))
+
+
+def position_confidence(
+    confidence_head: ConfidenceHead,
+    markov_head: MarkovHead | None,
+    hidden: torch.Tensor,  # [B, H], h_k
+    prev: torch.Tensor,  # [B], x_{k-1}
+    sts_temperature: float,
+) -> torch.Tensor:  # [B] float32
+    """c_k = σ(z_k / t_k): the calibrated chance that token k survives (eq. 7, §3.2.1).
+    Fixed shapes, no host sync: the V2 speculator runs it inside a CUDA graph."""
+    emb = markov_head.prev_embed(prev) if confidence_head.with_markov else None
+    z = confidence_head(hidden, emb).float()
+    if sts_temperature != 1.0:
+        z = z / sts_temperature
+    return torch.sigmoid(z)
 
 
 def _put(out: torch.Tensor, rows: torch.Tensor | None, k: int, value: torch.Tensor) -> None:

@@ -42,6 +42,24 @@ class DSparkForCausalLM(Qwen3DSparkForCausalLM):
         self.model.markov_head = markov.float() if markov is not None else None
         self.model.confidence_head = conf.float() if conf is not None else None
 
+    target_final_norm = None  # see attach_target_final_norm
+
+    def attach_target_final_norm(self, target_model, num_target_layers: int) -> None:
+        """DeepSpec (HF) reads hidden_states[L] of the target's last layer after the final
+        norm; vLLM captures it before. Where a draft layer id names that layer, apply the
+        target's norm to that slice in ``combine_hidden_states`` (both runners)."""
+        if num_target_layers - 1 in self.dspark.target_layer_ids:
+            lm = getattr(target_model, "get_language_model", lambda: target_model)()
+            # Not a submodule of the draft (nn.Module.__setattr__ would register it).
+            object.__setattr__(self, "target_final_norm", lm.model.norm)
+
+    def combine_hidden_states(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.target_final_norm is not None:
+            h = self.dspark.hidden_size
+            last = self.target_final_norm(hidden_states[..., -h:].contiguous())
+            hidden_states = torch.cat([hidden_states[..., :-h], last], dim=-1)
+        return super().combine_hidden_states(hidden_states)
+
     @property
     def markov_head(self):
         return self.model.markov_head

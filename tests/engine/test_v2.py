@@ -1,0 +1,125 @@
+"""The plugin's speculator on vLLM's V2 runner (the CUDA default): GPU only.
+
+With CUDA graphs on (the draft step is captured whole), for every Markov head and every
+scheduler mode (fixed γ; the verification budget with Algorithm 1's stop, ``causal``;
+§5.2's rule, ``async``):
+
+- greedy output equals the target's without speculation (chunked prefill, prefix hits);
+- every traced block whose anchor became output equals what the plain-torch reference
+  drafter drafts from HF target states (so the V2 speculator really runs our heads);
+- sampled output at T = 1 follows the target's distribution (test_sampled's chi-square,
+  with its power check), with the budget on;
+- the SmolLM2 pair with the committed drafter: greedy output equals plain's.
+
+The engines of one test run side by side on the GPU (a fixed KV size each).
+"""
+
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from conftest import requires_vllm
+from harness import acceptance, run_job, tokens
+
+pytestmark = [requires_vllm, pytest.mark.engine, pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+V2 = {"VLLM_USE_V2_MODEL_RUNNER": "1"}
+GPU = {"enforce_eager": False, "gpu_memory_utilization": 0.5,
+       "kv_cache_memory_bytes": 1 << 30}
+CASES = [("qwen3", "vanilla", "fixed"), ("qwen3", "gated", "causal"), ("qwen3", "rnn", "async"),
+         ("llama", "rnn", "fixed"), ("llama", "vanilla", "causal"), ("llama", "gated", "async")]
+
+
+def _on_v2(job: dict, mode: str | None = None) -> dict:
+    job = dict(job, env=dict(job.get("env") or {}, **V2))
+    if mode is not None:
+        job["env"]["VLLM_DSPARK_SCHEDULER"] = mode
+    job["llm_kwargs"] = dict(job.get("llm_kwargs") or {}, **GPU)
+    return job
+
+
+def _run_all(jobs: dict) -> dict:
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        futures = {k: pool.submit(run_job, j, 900) for k, j in jobs.items()}
+        return {k: f.result() for k, f in futures.items()}
+
+
+@pytest.fixture(scope="module")
+def greedy_runs(targets, drafter_factory, tmp_path_factory):
+    from test_greedy import job
+
+    tmp = tmp_path_factory.mktemp("v2")
+    jobs = {fam: _on_v2(job(targets[fam])) for fam in ("qwen3", "llama")}
+    traces = {}
+    for fam, head, mode in CASES:
+        draft = drafter_factory(fam, head, block_size=7)
+        traces[(fam, head, mode)] = (draft, str(tmp / f"{fam}-{head}-{mode}.jsonl"))
+        jobs[(fam, head, mode)] = _on_v2(job(targets[fam], draft, 7, traces[(fam, head, mode)][1]),
+                                         mode)
+    return _run_all(jobs), traces
+
+
+@pytest.mark.parametrize("family,head,mode", CASES, ids=["-".join(c) for c in CASES])
+def test_v2_greedy_equivalence_and_reference_drafts(greedy_runs, targets, family, head, mode):
+    from test_greedy import check_against_reference
+
+    results, traces = greedy_runs
+    result = results[(family, head, mode)]
+    assert tokens(result) == tokens(results[family])
+    drafted, accepted, _ = acceptance(result)
+    assert drafted > 0
+    draft, trace = traces[(family, head, mode)]
+    check_against_reference(targets[family], draft, result, trace)
+
+
+@pytest.mark.parametrize("mode", ["fixed", "causal"])
+def test_v2_sampled_tokens_follow_the_target_distribution(models_dir, mode):
+    from test_sampled import MAX_TOKENS, N_SEQ, PROMPT, chi_square_p_value, transitions
+    from tiny_models import bigram_logits, make_oracle_pair
+
+    target, draft = make_oracle_pair(models_dir, "qwen3", corrupt_fraction=0.35, scale=4.0)
+    job = {"target": target, "draft": draft, "gamma": 4, "skip_tokenizer_init": True,
+           "max_num_seqs": 64, "spec_extra": {"draft_sample_method": "probabilistic"},
+           "batches": [{"prompts": [PROMPT] * (N_SEQ // 16),
+                        "sampling": {"max_tokens": MAX_TOKENS, "temperature": 1.0,
+                                     "n": 16, "ignore_eos": True}}]}
+    result = run_job(_on_v2(job, mode), 900)
+    drafted, accepted, _ = acceptance(result)
+    assert 0.1 * drafted < accepted < 0.95 * drafted, (accepted, drafted)
+    pairs = transitions(result)
+    assert len(pairs) == N_SEQ * MAX_TOKENS
+    p_target = chi_square_p_value(pairs, torch.softmax(bigram_logits(target), -1))
+    assert p_target > 1e-3, p_target
+    import os
+
+    from safetensors.torch import load_file
+
+    w2 = load_file(os.path.join(draft, "model.safetensors"))["markov_head.markov_w2.weight"]
+    assert chi_square_p_value(pairs, torch.softmax(w2.T.float(), -1)) < 1e-6
+
+
+def test_v2_smollm2_pair_greedy_equals_plain(smollm2_target):
+    """The real pair (committed drafter, STS temperatures, confidence head: the default
+    is the causal budget) in float32, 16 chat prompts × 96 tokens."""
+    import os
+
+    from transformers import AutoTokenizer
+
+    from vllm_dspark.prompts import chat_prompt_ids, read_prompts
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    draft = os.path.join(here, "..", "..", "models", "dspark-smollm2-135m")
+    prompt_file = os.path.join(here, "..", "..", "vllm_dspark", "reference_prompts",
+                               "mt-bench.jsonl")
+    tok = AutoTokenizer.from_pretrained(smollm2_target)
+    prompts = [chat_prompt_ids(tok, p) for p in read_prompts(prompt_file, limit=16)]
+    batch = [{"prompts": prompts, "sampling": {"temperature": 0.0, "max_tokens": 96}}]
+    plain = {"target": smollm2_target, "batches": batch, "max_num_seqs": 16,
+             "llm_kwargs": {"max_model_len": 2048}}
+    spec = dict(plain, draft=draft, gamma=7, env={"VLLM_DSPARK_SCHEDULER": ""})
+    res = _run_all({"plain": _on_v2(plain), "ours": _on_v2(spec)})
+    assert tokens(res["ours"]) == tokens(res["plain"])
+    drafted, accepted, _ = acceptance(res["ours"])
+    assert accepted > 0.05 * drafted, (accepted, drafted)

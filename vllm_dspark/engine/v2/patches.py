@@ -1,0 +1,137 @@
+"""Patches for vLLM's V2 model runner (the CUDA default), applied by ``apply_all``.
+
+PATCHES.md has their rows (Runner V2). Each is idempotent (``engine.patches._wrap``);
+the heavy V2 modules are imported only inside a worker that builds a V2 runner.
+"""
+
+from __future__ import annotations
+
+from vllm_dspark.config import DSparkConfig
+from vllm_dspark.engine.patches import _wrap, patch
+
+_RULES = {"causal": "causal", "async": "global"}  # VLLM_DSPARK_SCHEDULER -> budget rule
+
+
+def _dspark_spec(vllm_config):
+    spec = vllm_config.speculative_config
+    return spec if spec is not None and spec.method == "dspark" else None
+
+
+def _scheduler_mode(spec) -> str | None:
+    """The verification mode asked for with VLLM_DSPARK_SCHEDULER (checked against the
+    draft), or None when the variable is unset.
+
+    Unset means verify all γ on the V2 runner: measured on an H200 with the SmolLM2
+    pair (benchmarks/results/gpu_sweep_h200_long.json), vLLM 0.32's device-side budget
+    machinery costs more per step than the verification it saves, at every concurrency
+    (0.61-0.78 of no speculation against 0.87-1.09 for full-γ verification)."""
+    import os
+
+    from vllm_dspark.schedule.verification import SCHEDULER_ENV, read_settings
+
+    if not os.environ.get(SCHEDULER_ENV, "").strip():
+        return None
+    cfg = DSparkConfig.from_dict(spec.draft_model_config.hf_config.to_dict())
+    return read_settings(cfg).mode
+
+
+@patch(runner="V2", scope="dspark only")
+def schedule_verification_on_v2() -> None:
+    """With VLLM_DSPARK_SCHEDULER=causal|async, turn on the V2 runner's device-side
+    verification budget (vLLM's adaptive verification, whose budget rule
+    ``install_v2_speculator`` makes ours); with ``fixed``, turn it off. Unset: as the
+    user configured vLLM (off by default). Runs only when vLLM has chosen the V2 runner."""
+    from vllm.config import VllmConfig
+
+    def make(original):
+        def patched(self):
+            original(self)
+            configure_budget(self)
+        return patched
+
+    _wrap(VllmConfig, "_validate_v2_model_runner", make)
+
+
+def configure_budget(vllm_config) -> None:
+    """``schedule_verification_on_v2``'s decision, on a config vLLM built for V2."""
+    from vllm.logger import init_logger
+
+    spec = _dspark_spec(vllm_config)
+    mode = _scheduler_mode(spec) if spec is not None else None
+    if mode is None:
+        return
+    if mode == "fixed":
+        spec.enable_adaptive_verification = False
+        return
+    why = _why_no_budget(vllm_config)
+    if why:
+        init_logger(__name__).warning(
+            "vllm-dspark: VLLM_DSPARK_SCHEDULER=%s ignored, verifying all γ drafts on the "
+            "V2 runner: its verification budget needs %s.", mode, why)
+        return
+    spec.enable_adaptive_verification = True
+
+
+def _why_no_budget(vllm_config) -> str | None:
+    """What keeps vLLM 0.32's adaptive verification off in this config (its own
+    checks, config/vllm.py ``_validate_adaptive_verification`` and the sampler's)."""
+    if not vllm_config.compilation_config.cudagraph_mode.has_full_cudagraphs():
+        return "full CUDA graphs (drop enforce_eager / use cudagraph mode FULL*)"
+    if vllm_config.lora_config is not None:
+        return "no LoRA"
+    if vllm_config.parallel_config.pipeline_parallel_size > 1:
+        return "no pipeline parallelism"
+    if getattr(vllm_config.parallel_config, "enable_batch_sharded_sampling", False):
+        return "no batch-sharded sampling"
+    return None
+
+
+@patch(runner="V2", scope="dspark only")
+def install_v2_speculator() -> None:
+    """For dspark on the V2 runner: our speculator instead of upstream's
+    ``DSparkSpeculator`` (every head, STS confidences), and our budget rule in the
+    adaptive verification manager. Done in the worker, right before it builds the V2
+    runner (``init_speculator`` and the runner look both names up at call time)."""
+    from vllm.v1.worker.gpu_worker import Worker
+
+    def make(original):
+        def patched(self):
+            if self.use_v2_model_runner and _dspark_spec(self.vllm_config) is not None:
+                point_v2_at_ours(self.vllm_config)
+            return original(self)
+        return patched
+
+    _wrap(Worker, "_make_model_runner", make)
+
+
+def point_v2_at_ours(vllm_config) -> None:
+    from vllm.v1.worker.gpu import model_runner
+    from vllm.v1.worker.gpu.spec_decode.dspark import speculator as upstream
+
+    from vllm_dspark.engine.v2.budget import DSparkBudgetManager
+    from vllm_dspark.engine.v2.speculator import DSparkV2Speculator
+
+    upstream.DSparkSpeculator = DSparkV2Speculator
+    rule = _RULES.get(_scheduler_mode(_dspark_spec(vllm_config)))
+    if rule is None:  # unset or fixed: upstream's manager, if the user enabled it
+        return
+
+    def make(original):
+        def patched(**kwargs):
+            manager = original(**kwargs)
+            if manager is None:
+                return None
+            return DSparkBudgetManager(
+                kwargs["req_states"], kwargs["query_start_loc"], kwargs["num_bonus_tokens"],
+                max_total_logits=kwargs["max_total_logits"], rule=rule)
+        return patched
+
+    _wrap(model_runner, "maybe_create_adaptive_verification_manager", make)
+
+
+PATCHES = (schedule_verification_on_v2, install_v2_speculator)
+
+
+def apply() -> None:
+    for install in PATCHES:
+        install()

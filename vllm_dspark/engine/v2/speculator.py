@@ -1,0 +1,125 @@
+"""DSpark drafting on vLLM's V2 model runner (the CUDA default in vLLM 0.32).
+
+Upstream's ``DSparkSpeculator`` already lays out DSpark's anchor-first block, writes
+the context K/V of accepted rows into the draft cache, and captures the whole draft
+step (backbone + sequential stage + confidences) in FULL CUDA graphs. What it lacks is
+ours: it knows only the vanilla Markov formula and an uncalibrated confidence. This
+subclass keeps all of upstream's input preparation and graph capture and replaces
+the one method inside the graph, ``_sample_sequential``, with the plugin's heads:
+
+- the sequential head's ``step`` (vanilla, gated or RNN, ``vllm_dspark.model``), so a
+  gated/RNN drafter gets its own bias instead of a silently wrong vanilla one;
+- confidences c_k = σ(z_k / t_k) with the draft's STS temperatures (always computed
+  when the draft has a head: the verification budget and the metrics read them);
+- sampling through upstream's seeded Gumbel sampler, which also caches the logits each
+  token was drawn from as q for the rejection sampler (``draft_sample_method=
+  "probabilistic"``): lossless at any temperature.
+
+Every op is a fixed-shape tensor op on persistent buffers (no host sync), so the
+loop is captured in the same graph as upstream's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from vllm.logger import init_logger
+from vllm.v1.worker.gpu.spec_decode.dspark.speculator import DSparkSpeculator
+
+from vllm_dspark.config import DSparkConfig, DSparkConfigError
+from vllm_dspark.decode.draft import position_confidence, sts_per_position
+
+logger = init_logger(__name__)
+
+
+class DSparkV2Speculator(DSparkSpeculator):
+    _speculator_name = "DSpark (vllm-dspark)"
+
+    def __init__(self, vllm_config, device: torch.device):
+        super().__init__(vllm_config, device)
+        hf_config = self.draft_model_config.hf_config
+        self.dspark = DSparkConfig.from_dict(hf_config.to_dict())
+        if not self.sample_from_anchor:
+            raise DSparkConfigError(
+                "vllm-dspark serves DeepSpec-format drafts (anchor-first blocks); this "
+                "draft sets sample_from_anchor=false (speculators' 1+N layout). Remove "
+                "that key, or uninstall vllm-dspark to serve it with upstream's speculator.")
+        if self._draft_topk is not None:
+            raise DSparkConfigError(
+                "dspark_draft_topk is not supported by vllm-dspark's speculator; remove it "
+                "from the draft's config.json (drafts then use the full vocabulary).")
+        self.sts = sts_per_position(self.dspark.sts_temperatures, self.num_speculative_steps)
+        # Debug/test knob (as on V1): append every drafted block as a JSON line.
+        self._trace_path = os.environ.get("VLLM_DSPARK_TRACE_FILE") or None
+
+    def load_draft_model(self, target_model, target_attn_layer_names):
+        model = super().load_draft_model(target_model, target_attn_layer_names)
+        # Ours are computed whenever the draft has a head (upstream only under adaptive
+        # verification): the budget policy and the metrics read them.
+        self.use_confidence_head = model.model.confidence_head is not None
+        if self.use_confidence_head:
+            self.use_acceptance_estimator = False
+        model.attach_target_final_norm(
+            target_model, self.vllm_config.model_config.get_total_num_hidden_layers())
+        logger.info(
+            "vllm-dspark: V2 speculator, %s head (rank %d), confidence head %s, "
+            "STS temperatures %s", self.dspark.markov_head_type, self.dspark.markov_rank,
+            "on" if self.use_confidence_head else "off",
+            "on" if self.dspark.sts_temperatures else "off")
+        return model
+
+    def _sample_sequential(self, num_reqs: int, head_hidden: torch.Tensor) -> None:
+        """Left to right over the block: bias from the previous token, sample, confidence.
+
+        Runs inside the draft step's CUDA graph: shapes are fixed by ``num_reqs``."""
+        gamma = self.num_speculative_steps
+        n = num_reqs * gamma
+        markov = self.model.markov_head
+        conf_head = self.model.confidence_head if self.use_confidence_head else None
+        hidden = head_hidden[self.sample_indices[:n]]  # [R·γ, H], ordered (req, step)
+        base = self.model.compute_draft_logits(hidden).view(num_reqs, gamma, -1)
+        hidden = hidden.view(num_reqs, gamma, -1)
+        idx_map = self.sample_idx_mapping[:n].view(num_reqs, gamma)
+        sample_pos = self.sample_pos[:n].view(num_reqs, gamma)
+        # The anchor (the token the target just emitted) sits at query offset 0.
+        prev = self.input_buffers.input_ids[self._anchor_idx[:num_reqs]]
+        state = markov.init_state(prev.shape, hidden) if markov is not None else None
+        cache_dtype = self.draft_logits.dtype if self.draft_logits is not None else None
+        for k in range(gamma):
+            h = hidden[:, k]
+            if conf_head is not None:
+                self.draft_token_confidence_probs[:num_reqs, k] = position_confidence(
+                    conf_head, markov, h, prev, self.sts[k])
+            logits = base[:, k].float()
+            if markov is not None:
+                bias, state = markov.step(prev, h, state)
+                logits = logits + bias.float()
+            if cache_dtype is not None:
+                # q is cached in this dtype: sample from exactly the cached logits.
+                logits = logits.to(cache_dtype)
+            tok = self._sample_logits(logits, idx_map[:, k], sample_pos[:, k], k)
+            self.draft_tokens[:num_reqs, k] = tok
+            prev = tok
+
+    def propose(self, input_batch, *args, **kwargs):
+        drafts = super().propose(input_batch, *args, **kwargs)
+        if self._trace_path and not kwargs.get("dummy_run", False):
+            self._trace(input_batch)
+        return drafts
+
+    def _trace(self, input_batch) -> None:
+        """One JSON line per request (host sync: for tests and debugging only)."""
+        r, gamma = input_batch.num_reqs, self.num_speculative_steps
+        anchor = self._anchor_idx[:r]
+        rows = zip(input_batch.req_ids[:r], self.input_buffers.positions[anchor].tolist(),
+                   self.input_buffers.input_ids[anchor].tolist(),
+                   self.draft_tokens[:r].tolist(),
+                   self.draft_token_confidence_probs[:r].tolist())
+        with open(self._trace_path, "a") as f:
+            for req, pos, tok, drafts, conf in rows:
+                f.write(json.dumps({"req": req, "anchor_pos": pos, "anchor": tok,
+                                    "gamma": gamma, "drafts": drafts,
+                                    "confidence": conf if self.use_confidence_head else None,
+                                    "verify": gamma}) + "\n")
