@@ -1,6 +1,6 @@
 """Concurrency sweep: no speculation vs fixed γ vs confidence-scheduled verification.
 
-    python benchmarks/scheduler_sweep.py --target T --draft D --prompts gsm8k.jsonl \
+    python benchmarks/scheduler_sweep.py --target T --draft D --prompts gsm8k \
         --concurrency 1 4 16 --out benchmarks/results/scheduler_sweep_cpu.json
 
 One engine per configuration, each in its own process and all alive at once:
@@ -96,7 +96,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--target", required=True)
     ap.add_argument("--draft", required=True)
-    ap.add_argument("--prompts", required=True, help="jsonl with {'turns': [...]}")
+    ap.add_argument("--prompts", default="gsm8k",
+                    help="jsonl with {'turns': [...]}, or a name in $VLLM_DSPARK_PROMPT_DIR "
+                    "(default there: the packaged reference sets)")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--modes", nargs="+", default=["plain", "fixed", "causal"],
                     choices=sorted(MODE_ENV))
@@ -110,9 +112,9 @@ def main() -> None:
     import torch
 
     from vllm_dspark.launch import engine_dtype, engine_env
-    from vllm_dspark.prompts import read_prompts
+    from vllm_dspark.prompts import read_prompts, resolve_dataset
 
-    prompts = read_prompts(args.prompts)[: max(args.concurrency)]
+    prompts = read_prompts(resolve_dataset(args.prompts)[1])[: max(args.concurrency)]
     on_gpu = torch.cuda.is_available()
     results = {}
     with tempfile.TemporaryDirectory() as tmp:

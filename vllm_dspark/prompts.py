@@ -3,12 +3,62 @@
 A prompt file is jsonl; each record's first user turn is the prompt (MT-Bench /
 EAGLE ``{"turns": [...]}``, chat ``messages``/``conversations``, or a plain
 ``prompt``-like string field).
+
+Where a tool takes a dataset, it takes a .jsonl path or a name: ``gsm8k`` is
+``<prompt dir>/gsm8k.jsonl``, the prompt directory being ``--prompt-dir``, else
+``$VLLM_DSPARK_PROMPT_DIR``, else the reference sets that ship in the package
+(``vllm_dspark/reference_prompts``: gsm8k, humaneval, math500, mbpp, mt-bench; their
+sources and licences are in its README.md).
 """
 
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
+
+PROMPT_DIR_ENV = "VLLM_DSPARK_PROMPT_DIR"
+REFERENCE_PROMPT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                    "reference_prompts")
+
+
+class PromptFileError(ValueError):
+    """A dataset name or prompt file that cannot be used, and how to fix it."""
+
+
+def default_prompt_dir() -> str:
+    """``$VLLM_DSPARK_PROMPT_DIR`` if set, else the packaged reference prompt sets."""
+    return os.environ.get(PROMPT_DIR_ENV) or REFERENCE_PROMPT_DIR
+
+
+def available_datasets(prompt_dir: str | None = None) -> list[str]:
+    """The names (``<name>.jsonl``) in ``prompt_dir`` (default: ``default_prompt_dir()``)."""
+    prompt_dir = prompt_dir or default_prompt_dir()
+    if not os.path.isdir(prompt_dir):
+        return []
+    return sorted(f[: -len(".jsonl")] for f in os.listdir(prompt_dir) if f.endswith(".jsonl"))
+
+
+def resolve_dataset(spec: str, prompt_dir: str | None = None) -> tuple[str, str]:
+    """(name, path) for a dataset given as a .jsonl path or a name in ``prompt_dir``
+    (default: ``default_prompt_dir()``); PromptFileError naming what exists otherwise."""
+    prompt_dir = prompt_dir or default_prompt_dir()
+    if os.path.isfile(spec):
+        name = os.path.basename(spec)
+        return (name[: -len(".jsonl")] if name.endswith(".jsonl") else name), spec
+    name = spec[: -len(".jsonl")] if spec.endswith(".jsonl") else spec
+    path = os.path.join(prompt_dir, name + ".jsonl")
+    if os.path.isfile(path):
+        return name, path
+    names = available_datasets(prompt_dir)
+    where = (f"available names there: {', '.join(names)}" if names
+             else "that directory holds no .jsonl files" if os.path.isdir(prompt_dir)
+             else "that directory does not exist")
+    raise PromptFileError(
+        f"unknown dataset {spec!r}: not a file, and no {name}.jsonl in the prompt directory "
+        f"{os.path.abspath(prompt_dir)!r}; {where}. Pass a .jsonl path, or point --prompt-dir "
+        f"(or ${PROMPT_DIR_ENV}) at a directory of <name>.jsonl files."
+    )
 
 
 def first_user_turn(record: Any) -> str:

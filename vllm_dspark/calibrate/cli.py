@@ -34,7 +34,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", required=True, help="HF directory of the target model")
     p.add_argument("--draft", required=True, help="DSpark draft directory (with a confidence "
                    "head); its config.json receives the temperatures")
-    p.add_argument("--prompts", required=True, help="held-out prompt jsonl ({'turns': [...]})")
+    p.add_argument("--prompts", required=True, metavar="NAME_OR_PATH",
+                   help="held-out prompts: a jsonl file ({'turns': [...]} per line) or the "
+                   "name of <name>.jsonl in --prompt-dir (e.g. math500)")
+    p.add_argument("--prompt-dir", default=None,
+                   help="where a --prompts name resolves (default: $VLLM_DSPARK_PROMPT_DIR, "
+                   "else the reference sets shipped in the package)")
     p.add_argument("--num-prompts", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0,
                    help="sampling temperature to calibrate for (0 = greedy verification)")
@@ -80,9 +85,12 @@ def _check(args: argparse.Namespace):
         raise SystemExit(f"error: cannot calibrate {args.draft!r}: it has no confidence head "
                          "(enable_confidence_head is false in its config.json), so there are "
                          "no confidences to scale. Train the draft with a confidence head.")
-    if not os.path.isfile(args.prompts):
-        raise SystemExit(f"error: --prompts {args.prompts!r} does not exist; pass a jsonl "
-                         "file with one {\"turns\": [\"...\"]} per line.")
+    from vllm_dspark.prompts import PromptFileError, resolve_dataset
+
+    try:
+        args.prompts = resolve_dataset(args.prompts, args.prompt_dir)[1]
+    except PromptFileError as e:
+        raise SystemExit(f"error: --prompts: {e}") from e
     require_positive(args, "num_prompts", "max_new_tokens", "anchor_stride", "n_bins",
                      "gen_batch_size")
     if args.temperature < 0:

@@ -39,7 +39,8 @@ from typing import Any
 
 from vllm_dspark.config import DSparkConfig
 from vllm_dspark.launch import engine_dtype, engine_env
-from vllm_dspark.prompts import chat_prompt_ids, read_prompts
+from vllm_dspark import prompts as prompts_mod
+from vllm_dspark.prompts import PROMPT_DIR_ENV, chat_prompt_ids, read_prompts
 
 OUR_PLUGIN = "dspark"  # our name under vllm.general_plugins (pyproject entry point)
 PLUGIN_GROUPS = ("vllm.general_plugins", "vllm.platform_plugins", "vllm.io_processor_plugins",
@@ -48,8 +49,6 @@ NUM_DRAFTS = "vllm:spec_decode_num_drafts"
 NUM_DRAFT_TOKENS = "vllm:spec_decode_num_draft_tokens"
 NUM_ACCEPTED = "vllm:spec_decode_num_accepted_tokens"
 ACCEPTED_PER_POS = "vllm:spec_decode_num_accepted_tokens_per_pos"
-PROMPT_DIR_ENV = "VLLM_DSPARK_PROMPT_DIR"
-DEFAULT_PROMPT_DIR = os.path.join("..", "shared", "reference", "prompts")
 
 
 class EvalError(ValueError):
@@ -149,35 +148,13 @@ def aggregate_request_metrics(items: Sequence[dict], gamma: int) -> dict[str, An
 
 
 # --------------------------------------------------------------------------- datasets
-def default_prompt_dir() -> str:
-    return os.environ.get(PROMPT_DIR_ENV) or DEFAULT_PROMPT_DIR
-
-
-def available_datasets(prompt_dir: str) -> list[str]:
-    if not os.path.isdir(prompt_dir):
-        return []
-    return sorted(f[: -len(".jsonl")] for f in os.listdir(prompt_dir) if f.endswith(".jsonl"))
-
-
 def resolve_dataset(spec: str, prompt_dir: str | None = None) -> tuple[str, str]:
-    """(name, path) for a dataset given as a .jsonl path or a name in ``prompt_dir``."""
-    prompt_dir = prompt_dir or default_prompt_dir()
-    if os.path.isfile(spec):
-        name = os.path.basename(spec)
-        return (name[: -len(".jsonl")] if name.endswith(".jsonl") else name), spec
-    name = spec[: -len(".jsonl")] if spec.endswith(".jsonl") else spec
-    path = os.path.join(prompt_dir, name + ".jsonl")
-    if os.path.isfile(path):
-        return name, path
-    names = available_datasets(prompt_dir)
-    where = (f"available names there: {', '.join(names)}" if names
-             else "that directory holds no .jsonl files" if os.path.isdir(prompt_dir)
-             else "that directory does not exist")
-    raise EvalError(
-        f"unknown dataset {spec!r}: not a file, and no {name}.jsonl in the prompt directory "
-        f"{os.path.abspath(prompt_dir)!r}; {where}. Pass a .jsonl path, or point --prompt-dir "
-        f"(or ${PROMPT_DIR_ENV}) at a directory of <name>.jsonl files."
-    )
+    """(name, path) for a dataset given as a .jsonl path or a name in ``prompt_dir``
+    (default: $VLLM_DSPARK_PROMPT_DIR, else the packaged reference sets)."""
+    try:
+        return prompts_mod.resolve_dataset(spec, prompt_dir)
+    except prompts_mod.PromptFileError as e:
+        raise EvalError(str(e)) from e
 
 
 def load_prompts(path: str, num_prompts: int | None = None) -> list[str]:
@@ -550,6 +527,10 @@ def format_table(result: dict) -> str:
 
 
 # --------------------------------------------------------------------------- CLI
+def _reference_names() -> str:
+    return ", ".join(prompts_mod.available_datasets(prompts_mod.REFERENCE_PROMPT_DIR))
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.description = (
         "Measure DSpark acceptance through vLLM (paper protocol: chain drafting, fixed γ, "
@@ -561,8 +542,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--datasets", nargs="+", required=True, metavar="NAME_OR_PATH",
                    help="jsonl prompt files, or names of <name>.jsonl in --prompt-dir")
     p.add_argument("--prompt-dir", default=None,
-                   help=f"where dataset names resolve (default: ${PROMPT_DIR_ENV}, else "
-                        f"{DEFAULT_PROMPT_DIR} relative to the current directory)")
+                   help=f"where dataset names resolve (default: ${PROMPT_DIR_ENV}, else the "
+                        f"reference sets shipped in the package: {_reference_names()})")
     p.add_argument("--num-prompts", type=int, default=80, help="first N prompts per dataset")
     p.add_argument("--gamma", type=int, default=None,
                    help="draft tokens per step γ (default: the draft's block_size)")

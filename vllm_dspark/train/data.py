@@ -25,7 +25,7 @@ import random
 import sys
 import time
 
-from vllm_dspark.prompts import chat_prompt_ids, read_prompts
+from vllm_dspark.prompts import chat_prompt_ids, default_prompt_dir, read_prompts
 
 SENTINEL = "\u0001DSPARK_USER_TURN\u0001"
 
@@ -42,8 +42,12 @@ MAGPIE_TOPICS = (
 
 
 def excluded_prompts(directory: str | None) -> set[str]:
-    """Every prompt in the *.jsonl files of ``directory`` (the evaluation sets)."""
-    if not directory or not os.path.isdir(directory):
+    """Every prompt in the *.jsonl files of ``directory`` (the evaluation sets). None: the
+    default prompt directory ($VLLM_DSPARK_PROMPT_DIR, else the packaged reference sets);
+    "none": nothing excluded."""
+    if directory is None:
+        directory = default_prompt_dir()
+    if directory.lower() == "none" or not os.path.isdir(directory):
         return set()
     out = set()
     for name in sorted(os.listdir(directory)):
@@ -150,8 +154,10 @@ def add_generation_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--prompts", help="prompt jsonl ({'turns': [...]}); default: Magpie prompts "
                    "written by the target itself")
     g.add_argument("--num-samples", type=int, default=4000)
-    g.add_argument("--exclude-prompts", default=None,
-                   help="directory of evaluation *.jsonl whose prompts are never trained on")
+    g.add_argument("--exclude-prompts", default=None, metavar="DIR",
+                   help="directory of evaluation *.jsonl whose prompts are never trained on "
+                   "(default: $VLLM_DSPARK_PROMPT_DIR, else the reference sets shipped in the "
+                   "package; 'none' excludes nothing)")
     g.add_argument("--max-prompt-tokens", type=int, default=128)
     g.add_argument("--max-answer-tokens", type=int, default=512)
     g.add_argument("--answer-temperature", type=float, default=0.2,
