@@ -52,7 +52,8 @@ if __name__ == "__main__":
     kw = dict(model=job["target"], dtype="bfloat16", max_model_len=2048,
               max_num_seqs=job["max_num_seqs"], disable_log_stats=False, seed=0,
               gpu_memory_utilization=job["gpu_memory_utilization"],
-              kv_cache_memory_bytes=job["kv_bytes"])
+              kv_cache_memory_bytes=job["kv_bytes"],
+              tensor_parallel_size=job["tensor_parallel_size"])
     if job["spec"] is not None:
         kw["speculative_config"] = job["spec"]
     t0 = time.perf_counter(); llm = LLM(**kw); startup = time.perf_counter() - t0
@@ -150,6 +151,8 @@ def main() -> None:
     ap.add_argument("--min-seconds", type=float, default=0.0,
                     help="and at least this much decoding per engine and cell")
     ap.add_argument("--kv-gib", type=float, default=4.0, help="KV cache per engine")
+    ap.add_argument("--tensor-parallel-size", type=int, default=1,
+                    help="the target's TP degree (the draft follows vLLM's default)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
@@ -169,7 +172,8 @@ def main() -> None:
                 spec, env = config_job(name, args)
                 job = dict(target=args.target, spec=spec, prompts=prompts,
                            max_num_seqs=max(args.concurrency), max_tokens=args.max_tokens,
-                           kv_bytes=int(args.kv_gib * 2**30), gpu_memory_utilization=0.5)
+                           kv_bytes=int(args.kv_gib * 2**30), gpu_memory_utilization=0.5,
+                           tensor_parallel_size=args.tensor_parallel_size)
                 jp = os.path.join(tmp, f"{name}.json")
                 json.dump(job, open(jp, "w"))
                 engines[name] = subprocess.Popen(
@@ -203,8 +207,10 @@ def main() -> None:
     rows = summarize(raw, args)
     out = dict(command=" ".join([sys.executable] + sys.argv), target=args.target,
                draft=args.draft, gamma=args.gamma, max_tokens=args.max_tokens,
+               tensor_parallel_size=args.tensor_parallel_size,
                machine=dict(platform=platform.platform(), cpus=os.cpu_count(),
-                            device=torch.cuda.get_device_name()),
+                            device=torch.cuda.get_device_name(),
+                            gpus=torch.cuda.device_count()),
                versions=_versions(), startup_s=startup, rows=rows, raw=raw)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     json.dump(out, open(args.out, "w"), indent=1)

@@ -8,7 +8,12 @@
 #   bash benchmarks/gpu/session.sh install         # there: vLLM + the project + SmolLM2 (≈ 1 min)
 #   bash benchmarks/gpu/session.sh tests-bg        # there: the GPU tests, log in /tmp/gpu/tests.log
 #   bash benchmarks/gpu/session.sh sweep-bg ARGS   # there: benchmarks/gpu_sweep.py
+#   bash benchmarks/gpu/session.sh profile         # there: one decode round's breakdown at c = 1
 #   bash benchmarks/gpu/session.sh wait NAME [s]   # there: poll a background job, copy its output
+#
+# Issue 19 (nvidia-h200-x2, TP = 2): the same steps, then
+#   bash benchmarks/gpu/session.sh sweep-bg --configs plain upstream ours --tensor-parallel-size 2 \
+#     --concurrency 1 2 4 8 16 32 64 128      (and rename the output gpu_sweep_h200x2_tp2.*)
 set -uo pipefail
 export PYTHONPATH=/tmp/site:${PYTHONPATH:-} VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONUNBUFFERED=1
 export VLLM_DSPARK_SMOLLM2_GGUF=/tmp/gpukit/extra/smollm2.gguf VLLM_DSPARK_CACHE=/tmp/gpu/cache
@@ -35,15 +40,22 @@ install)
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee $OUT/gpu.txt ;;
 tests-bg)
   shift
-  setsid nohup python3 -m pytest tests/engine/test_v2.py tests/engine/test_gpu_scheduler.py \
-    tests/schedule/test_triton_prefix.py -v -rs -x "$@" > $G/tests.log 2>&1 < /dev/null &
+  python3 -m pip install -q --no-deps --no-build-isolation --upgrade --target /tmp/site . 2>&1 | grep -v WARNING
+  setsid nohup python3 -m pytest tests/engine/test_v2.py tests/engine/test_v2_server.py \
+    tests/engine/test_gpu_scheduler.py tests/schedule/test_triton_prefix.py -v -rs -p no:cacheprovider \
+    "$@" > $G/tests.log 2>&1 < /dev/null &
   echo $! > $G/tests.pid ;;
 sweep-bg)
   shift
+  python3 -m pip install -q --no-deps --no-build-isolation --upgrade --target /tmp/site . 2>&1 | grep -v WARNING
   setsid nohup python3 benchmarks/gpu_sweep.py --target $G/smollm2 \
     --draft models/dspark-smollm2-135m --prompts vllm_dspark/reference_prompts/mt-bench.jsonl \
     --out $G/gpu_sweep_h200.json "$@" > $G/sweep.log 2>&1 < /dev/null &
   echo $! > $G/sweep.pid ;;
+profile)
+  python3 -m pip install -q --no-deps --no-build-isolation --upgrade --target /tmp/site . 2>&1 | grep -v WARNING
+  python3 benchmarks/gpu_round_profile.py --target $G/smollm2 --draft models/dspark-smollm2-135m \
+    --prompts vllm_dspark/reference_prompts/mt-bench.jsonl --out $OUT/gpu_round_profile_h200.json ;;
 wait)
   name=$2; limit=${3:-540}; t=0
   while kill -0 "$(cat $G/$name.pid)" 2>/dev/null && [ $t -lt $limit ]; do sleep 5; t=$((t+5)); done

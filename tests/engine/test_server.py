@@ -30,18 +30,21 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, target, log_path, spec=None):
+    def __init__(self, target, log_path, spec=None, args=None, env=None):
+        """``args`` replace the defaults (``--enforce-eager`` and 16 sequences) and ``env``
+        adds to the environment (GPU tests run with CUDA graphs)."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", target,
-               "--host", "127.0.0.1", "--port", str(self.port), "--enforce-eager",
-               "--max-model-len", "512", "--dtype", "float32", "--served-model-name", "tiny",
-               "--max-num-seqs", "16"]
+               "--host", "127.0.0.1", "--port", str(self.port),
+               "--max-model-len", "512", "--dtype", "float32", "--served-model-name", "tiny"]
+        cmd += ["--enforce-eager", "--max-num-seqs", "16"] if args is None else args
         if spec:
             cmd += ["--speculative-config", json.dumps(spec)]
         # Full-γ verification: "drafting really happened" must not hinge on a
         # machine-timed SPS profile (the default causal scheduler may verify none).
-        env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_DSPARK_SCHEDULER="fixed")
+        env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_DSPARK_SCHEDULER="fixed",
+                   **(env or {}))
         self.log = open(log_path, "w")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env,
                                      start_new_session=True)
@@ -76,19 +79,20 @@ PROMPTS = [
 ]
 
 
-def request(url, kind, prompt, stream):
-    body = {"model": "tiny", "max_tokens": 32, "temperature": 0.0, "stream": stream}
+def request(url, kind, prompt, stream, **fields):
+    """One chat or completion request's text; ``fields`` add to or replace the body's."""
+    body = {"model": "tiny", "max_tokens": 32, "temperature": 0.0, "stream": stream, **fields}
     if kind == "chat":
         path, body["messages"] = "/v1/chat/completions", [{"role": "user", "content": prompt}]
     else:
         path, body["prompt"] = "/v1/completions", prompt
     if not stream:
-        r = httpx.post(url + path, json=body, timeout=120)
+        r = httpx.post(url + path, json=body, timeout=300)
         r.raise_for_status()
         choice = r.json()["choices"][0]
         return choice["message"]["content"] if kind == "chat" else choice["text"]
     text = []
-    with httpx.stream("POST", url + path, json=body, timeout=120) as r:
+    with httpx.stream("POST", url + path, json=body, timeout=300) as r:
         r.raise_for_status()
         for line in r.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":

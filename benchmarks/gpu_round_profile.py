@@ -1,0 +1,133 @@
+"""Where one decode round's time goes at concurrency 1: ours vs upstream (torch profiler).
+
+    python benchmarks/gpu_round_profile.py --target T --draft D --prompts mt-bench.jsonl \
+        --out benchmarks/results/gpu_round_profile_h200.json
+
+Each configuration runs in its own process, in-process engine (no worker process, so
+the profiler sees the runner), CUDA graphs on: ``ours`` (the plugin) and ``upstream``
+(plugin disabled), plus ``plain``. The runner's phases are wrapped in
+``record_function`` ranges: ``target`` (execute_model: inputs + target forward),
+``sample`` (sample_tokens: rejection sampling, bookkeeping, and the drafting inside
+it), ``draft`` (the speculator's propose: context K/V, backbone, sequential stage, as
+one FULL-graph replay). After a warm-up request, one request decodes ``--tokens``
+tokens under the profiler; per decode step we report each range's CPU time and the
+GPU time of the kernels it launched, the step's wall time, and the host gap (wall −
+GPU time of all kernels, i.e. time the GPU waited on the host).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+WORKER = r'''
+import json, os, sys, time
+job = json.load(open(sys.argv[1]))
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+import torch
+from torch.profiler import ProfilerActivity, profile, record_function
+from vllm import LLM, SamplingParams
+
+def ranged(cls, name, label):
+    original = getattr(cls, name)
+    def wrapped(*a, **k):
+        with record_function(label):
+            return original(*a, **k)
+    setattr(cls, name, wrapped)
+
+cuda = torch.cuda.is_available()
+if cuda:
+    from vllm.v1.worker.gpu.model_runner import GPUModelRunner
+    from vllm.v1.worker.gpu.spec_decode.dflash.speculator import DFlashSpeculator
+    ranged(DFlashSpeculator, "propose", "draft")
+else:  # CPU smoke test of this script: the V1 runner
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+ranged(GPUModelRunner, "execute_model", "target")
+ranged(GPUModelRunner, "sample_tokens", "sample")
+
+if __name__ == "__main__":
+    kw = dict(model=job["target"], dtype=job["dtype"], max_model_len=2048, max_num_seqs=4,
+              seed=0, enforce_eager=not cuda)
+    if job["spec"] is not None:
+        kw["speculative_config"] = job["spec"]
+    llm = LLM(**kw)
+    chat = [[{"role": "user", "content": job["prompt"]}]]
+    params = SamplingParams(temperature=0.0, max_tokens=job["tokens"], ignore_eos=True)
+    llm.chat(chat, params, use_tqdm=False)  # warm-up
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        t0 = time.perf_counter()
+        llm.chat(chat, params, use_tqdm=False)
+        if cuda:
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+    stats, kernels_us = {}, 0.0
+    for e in prof.key_averages():
+        dev = getattr(e, "device_time_total", None)
+        if dev is None:
+            dev = getattr(e, "cuda_time_total", 0.0)
+        if e.key in ("target", "sample", "draft"):
+            stats[e.key] = dict(calls=e.count, cpu_us=e.cpu_time_total, gpu_us=dev)
+    for e in prof.events():
+        if e.device_type.name == "CUDA":
+            kernels_us += e.device_time
+    steps = stats.get("target", {}).get("calls", 0) or 1
+    per_step = {k: dict(cpu_ms=v["cpu_us"] / steps / 1e3, gpu_ms=v["gpu_us"] / steps / 1e3,
+                        calls_per_step=v["calls"] / steps) for k, v in stats.items()}
+    out = dict(steps=steps, wall_ms_per_step=wall / steps * 1e3,
+               gpu_ms_per_step=kernels_us / steps / 1e3,
+               host_gap_ms_per_step=(wall * 1e6 - kernels_us) / steps / 1e3,
+               tokens=job["tokens"], tok_s=job["tokens"] / wall, phases=per_step)
+    print("RESULT " + json.dumps(out), flush=True)
+    os._exit(0)
+'''
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--target", required=True)
+    ap.add_argument("--draft", required=True)
+    ap.add_argument("--prompts", required=True)
+    ap.add_argument("--configs", nargs="+", default=["plain", "upstream", "ours"])
+    ap.add_argument("--gamma", type=int, default=7)
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+    from vllm_dspark.prompts import read_prompts
+
+    prompt = read_prompts(args.prompts, limit=1)[0]
+    spec = {"method": "dspark", "model": args.draft, "num_speculative_tokens": args.gamma}
+    off = {"VLLM_PLUGINS": "vllm-dspark-disabled"}
+    plans = {"plain": (None, off), "upstream": (spec, off), "ours": (spec, {})}
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        worker = os.path.join(tmp, "worker.py")
+        open(worker, "w").write(WORKER)
+        for name in args.configs:  # one at a time: the profiler needs the GPU alone
+            spec_cfg, env = plans[name]
+            jp = os.path.join(tmp, f"{name}.json")
+            json.dump(dict(target=args.target, spec=spec_cfg, prompt=prompt,
+                           tokens=args.tokens, dtype=args.dtype), open(jp, "w"))
+            proc = subprocess.run([sys.executable, worker, jp], capture_output=True, text=True,
+                                  env=dict(os.environ, **env), timeout=900)
+            line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+            if line is None:
+                raise RuntimeError(f"{name} failed:\n{proc.stderr[-4000:]}")
+            results[name] = json.loads(line[7:])
+            r = results[name]
+            print(f"{name}: {r['wall_ms_per_step']:.2f} ms/step wall, "
+                  f"{r['gpu_ms_per_step']:.2f} GPU, {r['host_gap_ms_per_step']:.2f} host gap; "
+                  + ", ".join(f"{k} {v['gpu_ms']:.2f} GPU / {v['cpu_ms']:.2f} CPU ms"
+                              for k, v in r["phases"].items()), file=sys.stderr)
+    json.dump(dict(command=" ".join([sys.executable] + sys.argv), results=results),
+              open(args.out, "w"), indent=1)
+
+
+if __name__ == "__main__":
+    main()
