@@ -4,7 +4,8 @@ With CUDA graphs on (the draft step is captured whole), for every Markov head an
 scheduler mode (fixed γ; the verification budget with Algorithm 1's stop, ``causal``;
 §5.2's rule, ``async``):
 
-- greedy output equals the target's without speculation (chunked prefill, prefix hits);
+- greedy output equals the target's without speculation (chunked prefill, prefix hits,
+  and preemption with recompute under a small KV cache);
 - every traced block whose anchor became output equals what the plain-torch reference
   drafter drafts from HF target states (so the V2 speculator really runs our heads);
 - sampled output at T = 1 follows the target's distribution (test_sampled's chi-square,
@@ -58,6 +59,12 @@ def greedy_runs(targets, drafter_factory, tmp_path_factory):
         traces[(fam, head, mode)] = (draft, str(tmp / f"{fam}-{head}-{mode}.jsonl"))
         jobs[(fam, head, mode)] = _on_v2(job(targets[fam], draft, 7, traces[(fam, head, mode)][1]),
                                          mode)
+    # Preemption: a KV cache of ~1 300 tokens (fp32: ~1.5 KiB a token, target + draft) for a
+    # batch that needs ~2 600 at once (recompute).
+    draft = drafter_factory("qwen3", "rnn", block_size=7)
+    small = _on_v2(job(targets["qwen3"], draft, 7), "fixed")
+    small["llm_kwargs"]["kv_cache_memory_bytes"] = 2 << 20
+    jobs["preempted"] = small
     return _run_all(jobs), traces
 
 
@@ -72,6 +79,13 @@ def test_v2_greedy_equivalence_and_reference_drafts(greedy_runs, targets, family
     assert drafted > 0
     draft, trace = traces[(family, head, mode)]
     check_against_reference(targets[family], draft, result, trace)
+
+
+def test_v2_greedy_equivalence_under_preemption(greedy_runs):
+    results, _ = greedy_runs
+    result = results["preempted"]
+    assert result["metrics"].get("vllm:num_preemptions", 0) > 0, result["metrics"]
+    assert tokens(result) == tokens(results["qwen3"])
 
 
 @pytest.mark.parametrize("mode", ["fixed", "causal"])
