@@ -59,12 +59,6 @@ def greedy_runs(targets, drafter_factory, tmp_path_factory):
         traces[(fam, head, mode)] = (draft, str(tmp / f"{fam}-{head}-{mode}.jsonl"))
         jobs[(fam, head, mode)] = _on_v2(job(targets[fam], draft, 7, traces[(fam, head, mode)][1]),
                                          mode)
-    # Preemption: a KV cache of ~1 300 tokens (fp32: ~1.5 KiB a token, target + draft) for a
-    # batch that needs ~2 600 at once (recompute).
-    draft = drafter_factory("qwen3", "rnn", block_size=7)
-    small = _on_v2(job(targets["qwen3"], draft, 7), "fixed")
-    small["llm_kwargs"]["kv_cache_memory_bytes"] = 2 << 20
-    jobs["preempted"] = small
     return _run_all(jobs), traces
 
 
@@ -81,9 +75,16 @@ def test_v2_greedy_equivalence_and_reference_drafts(greedy_runs, targets, family
     check_against_reference(targets[family], draft, result, trace)
 
 
-def test_v2_greedy_equivalence_under_preemption(greedy_runs):
+def test_v2_greedy_equivalence_under_preemption(greedy_runs, targets, drafter_factory):
+    """A KV cache of ~1 300 tokens (fp32: ~1.5 KiB a token, target + draft) for a batch
+    that needs ~2 600 at once: requests are preempted and recomputed."""
+    from test_greedy import job
+
     results, _ = greedy_runs
-    result = results["preempted"]
+    small = _on_v2(job(targets["qwen3"], drafter_factory("qwen3", "rnn", block_size=7), 7),
+                   "fixed")
+    small["llm_kwargs"]["kv_cache_memory_bytes"] = 2 << 20
+    result = run_job(small, 900)
     assert result["metrics"].get("vllm:num_preemptions", 0) > 0, result["metrics"]
     assert tokens(result) == tokens(results["qwen3"])
 
