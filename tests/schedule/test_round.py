@@ -131,3 +131,60 @@ def test_the_gate_decides_the_skip():
     for draft in (True, False):
         sched.gate = Always(draft)
         assert policy.skip(8, 7, emitted) is (not draft)
+
+
+class Ticks:
+    """A timer that advances by ``step`` seconds at every read."""
+
+    def __init__(self, step):
+        self.now, self.step = 0.0, step
+
+    def __call__(self):
+        self.now += self.step
+        return self.now
+
+
+def test_rounds_are_counted_for_the_metrics():
+    """RoundStats: every round with γ > 0 is drafted or skipped; a scheduled round's
+    decision time is its gate + plan + lengths (one timer read before and after each),
+    a skipped round's its gate alone; take() hands them over once."""
+    policy = RoundPolicy()  # unscheduled: every round drafts, no decision to time
+    assert policy.stats.take() is None
+    policy.skip(8, 7, never)
+    policy.skip(8, 0, never)  # nothing to draft: not a round
+    assert policy.stats.take() == {"drafted": 1, "skipped": 0, "decision_seconds": []}
+    assert policy.stats.take() is None
+
+    sched = scheduler(draft_cost=0.004)
+    policy = RoundPolicy(sched, confidence=True, timer=Ticks(0.5))
+
+    class Always:
+        def __init__(self, draft):
+            self.draft = draft
+
+        def step(self, now, requests, tokens):
+            return self.draft
+
+    sched.gate = Always(True)
+    assert policy.skip(8, 7, lambda: 8) is False
+    policy.plan(8, 7, "cpu")
+    policy.finish(torch.full((8, 7), 0.5), 8, None)
+    sched.gate = Always(False)
+    assert policy.skip(8, 7, lambda: 8) is True
+    stats = policy.stats.take()
+    assert stats == {"drafted": 1, "skipped": 1, "decision_seconds": [1.5, 0.5]}
+    # A replacement policy (the scheduler attached after warm-up) keeps counting.
+    again = RoundPolicy(sched, confidence=True, stats=policy.stats)
+    again.skip(8, 7, lambda: 8)
+    assert policy.stats.take()["skipped"] == 1
+
+
+def test_round_timings_are_capped_between_takes():
+    policy = RoundPolicy(scheduler(draft_cost=0.004), confidence=True)
+    policy.stats.max_kept = 3
+    for _ in range(5):
+        policy.skip(4, 7, never)
+        policy.finish(torch.full((4, 7), 0.5), 4, None)
+    stats = policy.stats.take()
+    assert stats["drafted"] == 5 and len(stats["decision_seconds"]) == 3
+    assert all(0 <= s < 1 for s in stats["decision_seconds"])

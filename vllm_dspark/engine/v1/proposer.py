@@ -92,7 +92,14 @@ class DSparkProposer(DFlashProposer):
 
         self.verify_scheduler = sps_profile.build(self._runner, self.dspark, self.gamma)
         self.round_policy = RoundPolicy(self.verify_scheduler,
-                                        confidence=self.model.confidence_head is not None)
+                                        confidence=self.model.confidence_head is not None,
+                                        stats=self.round_policy.stats)
+
+    def take_round_stats(self) -> dict | None:
+        """The rounds since the last call (drafted, skipped by the gate, the scheduler's
+        decision times), for the step's output (engine/v1/patches.py:
+        carry_round_stats_in_the_output); None when none ran."""
+        return self.round_policy.stats.take()
 
     def load_model(self, target_model) -> None:
         super().load_model(target_model)
