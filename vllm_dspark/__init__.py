@@ -16,7 +16,10 @@ def cache_root() -> str:
 
 
 def register() -> None:
-    """vLLM ``general_plugins`` entry point: runs in every vLLM process, once."""
+    """vLLM ``general_plugins`` entry point: runs in every vLLM process, once. The
+    plugin's loggers (``vllm_dspark.*``) then go through vLLM's logging setup."""
+    from vllm_dspark import logs
     from vllm_dspark.engine.patches import apply_all
 
+    logs.setup()
     apply_all()

@@ -16,6 +16,7 @@ import torch
 from vllm_dspark.config import DSparkConfig
 from vllm_dspark.schedule.verification import (
     SCHEDULER_ENV,
+    SPS_ENV,
     VerificationScheduler,
     read_settings,
 )
@@ -26,6 +27,11 @@ def profile_sps(runner, gamma: int, forward: Callable[[int], object] | None = No
     compiled graphs and CUDA-graph buckets are what serving uses), or reuse the cache.
     ``forward(num_tokens)`` runs one target step of that many tokens; default
     ``runner._dummy_run(num_tokens, skip_eplb=True)``."""
+    return _profile_sps(runner, gamma, forward)[0]
+
+
+def _profile_sps(runner, gamma: int, forward) -> tuple[object, str]:
+    """``profile_sps``'s table, and where it came from (for the start-up line)."""
     import vllm
     from vllm.logger import init_logger
 
@@ -40,8 +46,9 @@ def profile_sps(runner, gamma: int, forward: Callable[[int], object] | None = No
                vllm_version=vllm.__version__)
     cached = sps_mod.load_cached(**key)
     if cached is not None:
-        log.info("vllm-dspark: SPS profile from cache (%d sizes)", len(cached.b))
-        return cached
+        path = sps_mod.cache_path(**key)
+        log.info("vllm-dspark: SPS profile from cache (%d sizes): %s", len(cached.b), path)
+        return cached, f"from the cache {path}"
     if forward is None:
         def forward(b):
             return runner._dummy_run(b, skip_eplb=True)
@@ -62,7 +69,7 @@ def profile_sps(runner, gamma: int, forward: Callable[[int], object] | None = No
                             max_capture_size=max(capture) if graphs else None, **key)
     path = sps_mod.store(table)
     log.info("vllm-dspark: profiled SPS(B) at %d sizes -> %s", len(grid), path)
-    return table
+    return table, f"profiled at start-up, cached in {path}"
 
 
 def build(runner, cfg: DSparkConfig, gamma: int,
@@ -84,6 +91,9 @@ def build(runner, cfg: DSparkConfig, gamma: int,
         return sched
     sched.max_requests = runner.vllm_config.scheduler_config.max_num_seqs
     sched.gamma = gamma
-    sched.set_sps(settings.table if settings.table is not None
-                  else profile_sps(runner, gamma, forward))
+    if settings.table is not None:
+        table, sched.sps_source = settings.table, f"from {settings.sps} ({SPS_ENV})"
+    else:
+        table, sched.sps_source = _profile_sps(runner, gamma, forward)
+    sched.set_sps(table)
     return sched

@@ -119,6 +119,7 @@ class VerificationScheduler:
         self._longest: int | None = None  # the longest ℓ_r of the last decision
         self.gamma: int | None = None  # the drafter's γ (the GPU decider's width), set by ``build``
         self._history: deque[torch.Tensor] = deque(maxlen=2)  # confidences, [R, γ] per step
+        self.sps_source: str | None = None  # where the SPS table came from (start-up line)
         if sps is not None:
             self.set_sps(sps)
 

@@ -91,6 +91,7 @@ class DSparkProposer(DFlashProposer):
         from vllm_dspark.engine import sps_profile
 
         self.verify_scheduler = sps_profile.build(self._runner, self.dspark, self.gamma)
+        self._log_choice()
         self.round_policy = RoundPolicy(self.verify_scheduler,
                                         confidence=self.model.confidence_head is not None,
                                         stats=self.round_policy.stats)
@@ -100,6 +101,17 @@ class DSparkProposer(DFlashProposer):
         decision times), for the step's output (engine/v1/patches.py:
         carry_round_stats_in_the_output); None when none ran."""
         return self.round_policy.stats.take()
+
+    def _log_choice(self) -> None:
+        """The start-up line (once per engine: the first rank's worker): what was chosen."""
+        from vllm.distributed.parallel_state import is_global_first_rank
+
+        from vllm_dspark.logs import choice_from_scheduler, describe_choice
+
+        if is_global_first_rank():
+            logger.info(describe_choice(
+                "V1", self.dspark, gamma=self.gamma, **choice_from_scheduler(self.verify_scheduler),
+                draft_sample_method=self.vllm_config.speculative_config.draft_sample_method))
 
     def load_model(self, target_model) -> None:
         super().load_model(target_model)
