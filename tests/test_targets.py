@@ -192,6 +192,24 @@ def test_cli_reports_errors_and_reuses_builds(tmp_path, capsys):
     assert capsys.readouterr().out.strip() == str(out)
 
 
+def test_the_build_says_what_it_is_doing(tmp_path, capsys):
+    """build-target prints each stage to stderr as it starts (the quickstart's first half
+    minute is this build); stdout stays the path alone, for $(vllm-dspark build-target)."""
+    tokens, _, _ = tiny_vocab()
+    write_tiny_gguf(str(tmp_path / "m.gguf"), hf_state(len(tokens), True))
+    parser = argparse.ArgumentParser()
+    targets.add_arguments(parser)
+    args = parser.parse_args(["smollm2", "--out", str(tmp_path / "o"), "--gguf",
+                              str(tmp_path / "m.gguf"), "--dtype", "auto"])
+    assert targets.run(args) == 0
+    out, err = capsys.readouterr()
+    assert out.strip() == str(tmp_path / "o")
+    assert "converting m.gguf to an HF checkpoint (dequantizing to bfloat16" in err
+    assert "built in" in err and str(tmp_path / "o") in err.splitlines()[-1]
+    assert targets.run(args) == 0  # built already: said so, nothing redone
+    assert "is built already" in capsys.readouterr().err
+
+
 # --------------------------------------------------------------------------- engine
 
 # Greedy paths whose top-2 logit margin stays >= 0.06 over all 24 steps (fp32), so

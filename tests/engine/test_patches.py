@@ -237,6 +237,173 @@ def test_the_executor_answers_take_draft_token_ids_from_the_output():
     assert calls.count("take_draft_token_ids") == 3  # the three cases since clear()
 
 
+def test_wrap_installs_each_patch_once_and_several_patches_on_one_method():
+    from vllm_dspark.engine.patches import _wrap
+
+    class C:
+        def f(self):
+            return ["f"]
+
+    def first(original):
+        return lambda self: original(self) + ["first"]
+
+    def second(original):
+        return lambda self: original(self) + ["second"]
+
+    for make in (first, second, first, second):
+        _wrap(C, "f", make)
+    assert C().f() == ["f", "first", "second"]
+    assert C.f._dspark and len(C.f._dspark_wraps) == 2
+
+
+def test_the_worker_attaches_its_round_stats_to_the_output():
+    """carry_round_stats_in_the_output: the drafter's round counts ride on the step's
+    ModelRunnerOutput (vLLM's shared empty output copied, never marked); under async
+    scheduling on the inner output; other drafters (no take_round_stats) add nothing."""
+    from types import SimpleNamespace as NS
+
+    from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    from vllm_dspark.engine.metrics import ROUND_ATTR
+    from vllm_dspark.engine.v1 import patches
+
+    patches.carry_round_stats_in_the_output()
+    assert "carry_round_stats_in_the_output.<locals>.make" in \
+        GPUModelRunner.sample_tokens._dspark_wraps
+    rounds = [{"drafted": 1, "skipped": 0, "decision_seconds": [1e-4]}, None]
+    runner = NS(execute_model_state=None, kv_connector_output=None,
+                use_async_scheduling=False, speculative_config=NS(method="dspark"),
+                parallel_config=NS(distributed_executor_backend="uni"),
+                drafter=NS(take_round_stats=lambda: rounds.pop(0)))
+    out = GPUModelRunner.sample_tokens(runner, None)  # vLLM returns its empty output
+    assert getattr(out, ROUND_ATTR) == {"drafted": 1, "skipped": 0, "decision_seconds": [1e-4]}
+    assert out is not EMPTY_MODEL_RUNNER_OUTPUT
+    assert not hasattr(EMPTY_MODEL_RUNNER_OUTPUT, ROUND_ATTR)
+    assert GPUModelRunner.sample_tokens(runner, None) is EMPTY_MODEL_RUNNER_OUTPUT  # none
+    runner.drafter = NS()  # EAGLE, ngram, ...: vLLM's output as it was
+    assert GPUModelRunner.sample_tokens(runner, None) is EMPTY_MODEL_RUNNER_OUTPUT
+    # Async scheduling: the engine core receives the inner output (get_output()).
+    inner = ModelRunnerOutput(req_ids=[], req_id_to_index={})
+    async_out = NS(_model_runner_output=inner)
+    runner.drafter = NS(take_round_stats=lambda: {"drafted": 2})
+    out = _round_stats_wrapper(lambda self, grammar_output: async_out)(runner, None)
+    assert out is async_out and getattr(inner, ROUND_ATTR) == {"drafted": 2}
+
+
+def _round_stats_wrapper(original):
+    """carry_round_stats_in_the_output's wrapper around ``original`` (captured by
+    installing it on a stand-in class)."""
+    from unittest import mock
+
+    from vllm_dspark.engine.v1 import patches
+
+    class Runner:
+        sample_tokens = original
+
+    with mock.patch("vllm.v1.worker.gpu_model_runner.GPUModelRunner", Runner):
+        patches.carry_round_stats_in_the_output()
+    return Runner.sample_tokens
+
+
+def test_the_scheduler_counts_admitted_lengths_and_attaches_the_step_stats():
+    """collect_dspark_step_stats: each request's draft length as the scheduler receives
+    it (not finished requests or prefill chunks), with the worker's round counts, into
+    the step's SchedulerStats; kept for the next step when vLLM made no stats."""
+    from types import SimpleNamespace as NS
+
+    from vllm.v1.core.sched.scheduler import Scheduler
+    from vllm.v1.outputs import DraftTokenIds
+
+    from vllm_dspark.engine import metrics, patches
+
+    patches.collect_dspark_step_stats()
+    assert all("collect_dspark_step_stats" in " ".join(f._dspark_wraps)
+               for f in (Scheduler.update_draft_token_ids, Scheduler.update_from_output))
+
+    def req(finished=False, chunk=False):
+        return NS(is_finished=lambda: finished, is_prefill_chunk=chunk, spec_token_ids=[])
+
+    sched = NS(num_spec_tokens=3, log_stats=True,
+               vllm_config=NS(speculative_config=NS(method="dspark")),
+               requests={"a": req(), "b": req(), "c": req(), "done": req(finished=True),
+                         "chunk": req(chunk=True)},
+               structured_output_manager=NS(validate_tokens=lambda r, ids: ids))
+    drafts = DraftTokenIds(["a", "b", "c", "done", "chunk", "gone"],
+                           [[1, 2], [], [1, 2, 3], [4], [5], [6]])
+    Scheduler.update_draft_token_ids(sched, drafts)  # the wrapper, then vLLM's own
+    assert sched.requests["a"].spec_token_ids == [1, 2]
+    assert sched._dspark_pending == {"admitted": [1, 0, 1, 1]}
+    patches._count_admitted(sched, DraftTokenIds(["a"], [[1]]))
+    assert sched._dspark_pending == {"admitted": [1, 1, 1, 1]}
+
+    no_stats = {0: NS(scheduler_stats=None)}
+    patches._attach_step_stats(sched, no_stats, NS(dspark_round={"drafted": 1}))
+    assert sched._dspark_pending == {"admitted": [1, 1, 1, 1], "drafted": 1}
+    stats = NS(kv_connector_stats=None)
+    outputs = {0: NS(scheduler_stats=None), 1: NS(scheduler_stats=stats)}
+    patches._attach_step_stats(sched, outputs, NS(dspark_round={"drafted": 1, "skipped": 2}))
+    assert sched._dspark_pending is None
+    assert metrics.take(stats) == {"admitted": [1, 1, 1, 1], "drafted": 2, "skipped": 2}
+    patches._attach_step_stats(sched, outputs, NS())  # nothing to carry
+    assert metrics.take(stats) is None
+
+    sched.vllm_config = NS(speculative_config=NS(method="eagle"))  # other methods: nothing
+    sched._dspark_pending = None
+    Scheduler.update_draft_token_ids(sched, DraftTokenIds(["a"], [[1]]))
+    assert sched._dspark_pending is None
+
+
+def test_the_frontend_exports_the_payload_and_hides_it_from_vllms_loggers(
+        corrupted_oracle_pair):
+    """export_dspark_metrics: StatLoggerManager (LLM's and the API server's) creates the
+    plugin's collectors after vLLM's Prometheus logger; record() takes the payload out
+    of kv_connector_stats before vLLM's loggers run, and LLM.get_metrics()'s reader
+    (get_metrics_snapshot, the in-process registry) sees the vllm:dspark_* metrics."""
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.v1.metrics.loggers import StatLoggerManager
+    from vllm.v1.metrics.reader import get_metrics_snapshot
+    from vllm.v1.metrics.stats import SchedulerStats
+    from vllm.v1.spec_decode.metrics import SpecDecodingStats
+
+    from vllm_dspark.engine import metrics
+    from vllm_dspark.engine.patches import apply_all
+
+    apply_all()
+    target, draft = corrupted_oracle_pair
+    config = EngineArgs(model=target, enforce_eager=True, max_model_len=256,
+                        served_model_name="tiny",
+                        speculative_config={"method": "dspark", "model": draft,
+                                            "num_speculative_tokens": 3}
+                        ).create_engine_config()
+    manager = StatLoggerManager(config, [0])
+    assert isinstance(manager._dspark_metrics, metrics.DSparkMetrics)
+    seen = []
+
+    class Probe:  # what vLLM's loggers receive
+        def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None,
+                   engine_idx=0):
+            seen.append(scheduler_stats.kv_connector_stats)
+
+    manager.stat_loggers.insert(0, Probe())
+    stats = SchedulerStats(spec_decoding_stats=SpecDecodingStats.new(3))
+    stats.spec_decoding_stats.observe_draft(num_draft_tokens=2, num_accepted_tokens=1)
+    metrics.attach(stats, {"admitted": [0, 0, 1, 0], "drafted": 1,
+                           "decision_seconds": [1e-4]})
+    manager.record(scheduler_stats=stats, iteration_stats=None, engine_idx=0)
+    assert seen == [None]
+    snap = {(m.name, m.labels.get("decision") or m.labels.get("position")): m
+            for m in get_metrics_snapshot() if m.name.startswith("vllm:dspark_")}
+    assert {name for name, _ in snap} == set(metrics.NAMES)
+    assert snap[(metrics.VERIFIED, None)].count == 1 and snap[(metrics.VERIFIED, None)].sum == 2
+    assert snap[(metrics.GATE, "drafted")].value == 1
+    assert snap[(metrics.VERIFIED_PER_POS, "1")].value == 1
+    assert snap[(metrics.ACCEPTANCE_PER_POS, "0")].value == 1.0
+    assert snap[(metrics.ACCEPTANCE_PER_POS, "1")].value == 0.0
+    assert snap[(metrics.DECISION, None)].count == 1
+    assert snap[(metrics.VERIFIED, None)].labels == {"model_name": "tiny", "engine": "0"}
+
+
 LEDGER = os.path.join(os.path.dirname(__file__), "..", "..", "vllm_dspark", "engine",
                       "PATCHES.md")
 MODULES = {"all": "vllm_dspark.engine.patches", "V1": "vllm_dspark.engine.v1.patches",

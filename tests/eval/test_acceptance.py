@@ -134,6 +134,28 @@ def test_cli_errors_before_vllm_starts(tmp_path, oracle_pair):
     assert "Traceback" not in p.stderr
 
 
+@requires_vllm
+def test_quiet_keeps_the_engines_last_error_lines(tmp_path, oracle_pair):
+    """--quiet hides the engine's log while it runs, but a failure prints its last lines
+    (with the exception) and keeps the whole log, instead of pointing at nothing."""
+    import re
+
+    target, draft = oracle_pair
+    data = write_jsonl(tmp_path / "d.jsonl", [{"turns": ["Hi"]}])
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="lots")  # the engine fails on it
+    p = subprocess.run(CLI + ["--target", target, "--draft", draft, "--datasets", data,
+                              "--quiet", "--enforce-eager", "--max-model-len", "256",
+                              "--max-tokens", "8", "--temperatures", "0"],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 2, p.stderr[-3000:]
+    err = p.stderr
+    assert "the vLLM engine process failed" in err and "is above" not in err
+    assert "The last lines of its log" in err
+    assert "invalid literal for int() with base 10: 'lots'" in err
+    kept = re.search(r"all of it: (\S+)\)", err).group(1)
+    assert "'lots'" in open(kept).read()
+    os.remove(kept)
+
 def test_help():
     p = subprocess.run(CLI + ["--help"], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0 and "--upstream" in p.stdout and "--temperatures" in p.stdout

@@ -23,7 +23,7 @@ import shutil
 import sys
 import time
 
-from vllm_dspark.cli import require_positive
+from vllm_dspark.cli import add_dtype_argument, require_positive
 
 STS_KEY = "dspark_sts_temperatures"
 REPORT_NAME = "sts_calibration.json"
@@ -40,21 +40,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-dir", default=None,
                    help="where a --prompts name resolves (default: $VLLM_DSPARK_PROMPT_DIR, "
                    "else the reference sets shipped in the package)")
-    p.add_argument("--num-prompts", type=int, default=64)
+    p.add_argument("--num-prompts", type=int, default=64, help="first N prompts of --prompts")
     p.add_argument("--temperature", type=float, default=0.0,
                    help="sampling temperature to calibrate for (0 = greedy verification)")
     p.add_argument("--draft-sample-method", default="probabilistic",
                    choices=["probabilistic", "greedy"],
                    help="at T > 0: sample drafts and verify with q (probabilistic) or verify "
                    "argmax drafts as one-hot q (greedy), as vLLM's knob of the same name")
-    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--max-new-tokens", type=int, default=256,
+                   help="answer tokens the target generates per prompt")
     p.add_argument("--anchor-stride", type=int, default=1,
                    help="draft a block at every N-th answer token")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="auto: bfloat16 on GPU, float32 on CPU")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--gen-batch-size", type=int, default=8)
+    p.add_argument("--device", default="auto", help="torch device; auto = cuda when available")
+    add_dtype_argument(p, "torch dtype of target and drafter; auto = bfloat16 on GPU, float32 "
+                       "on CPU")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--gen-batch-size", type=int, default=8,
+                   help="prompts generated together (plain torch)")
     p.add_argument("--n-bins", type=int, default=15, help="ECE bins")
     p.add_argument("--holdout", type=float, default=0.25,
                    help="fraction of the prompts (the last ones) whose blocks are not fitted "
@@ -66,7 +68,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "none with --dry-run)")
     p.add_argument("--plot", default=None, help=f"reliability diagram PNG (default "
                    f"<draft>/{PLOT_NAME}; none with --dry-run)")
-    p.add_argument("--save-outcomes", default=None, help="also save z, s, mask as .npz")
+    p.add_argument("--save-outcomes", default=None,
+                   help="also save z, s, mask as .npz here (default: not saved)")
     p.add_argument("--dry-run", action="store_true",
                    help="fit and report, but leave the draft's config.json alone")
 

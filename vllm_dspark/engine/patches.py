@@ -51,7 +51,8 @@ def _in_order() -> list[Callable[[], None]]:
             v1.install_v1_proposer, v1.keep_the_last_prefix_block, copy_the_embedding_state,
             v1.install_verification_scheduler, count_unverified_decode_steps,
             v1.sample_plainly_without_drafts, v1.carry_drafts_in_the_output,
-            v1.fix_cpu_expand_kernel]
+            v1.carry_round_stats_in_the_output, collect_dspark_step_stats,
+            export_dspark_metrics, v1.fix_cpu_expand_kernel]
 
 
 def _v2_patches():
@@ -103,12 +104,17 @@ def check_vllm_version(version: str | None = None) -> None:
 
 
 def _wrap(cls, name: str, make) -> None:
-    """Replace ``cls.name`` with ``make(original)`` once (marked ``_dspark``)."""
+    """Replace ``cls.name`` with ``make(original)``, once per ``make`` (a patch's wrapper,
+    known by its qualified name): several patches may wrap one method, each once. The
+    result is marked ``_dspark`` and lists its wrappers in ``_dspark_wraps``."""
     original = getattr(cls, name)
-    if not getattr(original, "_dspark", False):
-        patched = functools.wraps(original)(make(original))
-        patched._dspark = True
-        setattr(cls, name, patched)
+    done = getattr(original, "_dspark_wraps", ())
+    if make.__qualname__ in done:
+        return
+    patched = functools.wraps(original)(make(original))
+    patched._dspark = True
+    patched._dspark_wraps = (*done, make.__qualname__)
+    setattr(cls, name, patched)
 
 
 @patch(runner="all", scope="dspark only")
@@ -231,3 +237,114 @@ def count_unverified_decode_steps() -> None:
         return patched
 
     _wrap(Scheduler, "update_from_output", make)
+
+
+def _is_dspark(vllm_config) -> bool:
+    spec = vllm_config.speculative_config
+    return spec is not None and spec.method == "dspark"
+
+
+def _count_admitted(scheduler, draft_token_ids) -> None:
+    """ℓ_r of each request whose drafts vLLM's scheduler takes (``update_draft_token_ids``
+    skips finished requests and prefill chunks): the proposer's per-request lists are
+    exactly what the verification scheduler admitted (γ without one, 0 when skipped)."""
+    from vllm_dspark.engine import metrics
+
+    counts = [0] * (scheduler.num_spec_tokens + 1)
+    for req_id, ids in zip(draft_token_ids.req_ids, draft_token_ids.draft_token_ids):
+        req = scheduler.requests.get(req_id)
+        if req is None or req.is_finished() or req.is_prefill_chunk:
+            continue
+        metrics.count_admitted(counts, len(ids))
+    if any(counts):
+        scheduler._dspark_pending = metrics.merge(
+            getattr(scheduler, "_dspark_pending", None), {"admitted": counts})
+
+
+def _attach_step_stats(scheduler, outputs, model_runner_output) -> None:
+    """The step's payload (the admitted lengths counted since the last step, the
+    worker's round counts) into the SchedulerStats vLLM returns with ``outputs``; kept
+    for the next step when it returned none."""
+    from vllm_dspark.engine import metrics
+
+    pending = metrics.merge(getattr(scheduler, "_dspark_pending", None),
+                            getattr(model_runner_output, metrics.ROUND_ATTR, None))
+    scheduler._dspark_pending = None
+    eco = next((o for o in outputs.values() if o.scheduler_stats is not None), None)
+    if eco is None:
+        scheduler._dspark_pending = pending
+    else:
+        metrics.attach(eco.scheduler_stats, pending)
+
+
+@patch(runner="all", scope="dspark only")
+def collect_dspark_step_stats() -> None:
+    """Engine core, for the plugin's metrics (engine/metrics.py): count each request's
+    admitted draft length as the scheduler receives the drafts, take the worker's round
+    counts from the step's output (``ModelRunnerOutput.dspark_round``), and put both
+    into the step's SchedulerStats for the frontend (dspark only, with stats on)."""
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    def update_draft_token_ids(original):
+        def patched(self, draft_token_ids):
+            if self.log_stats and _is_dspark(self.vllm_config):
+                _count_admitted(self, draft_token_ids)
+            return original(self, draft_token_ids)
+        return patched
+
+    def update_from_output(original):
+        def patched(self, scheduler_output, model_runner_output):
+            outputs = original(self, scheduler_output, model_runner_output)
+            if self.log_stats and _is_dspark(self.vllm_config):
+                _attach_step_stats(self, outputs, model_runner_output)
+            return outputs
+        return patched
+
+    _wrap(Scheduler, "update_draft_token_ids", update_draft_token_ids)
+    _wrap(Scheduler, "update_from_output", update_from_output)
+
+
+@patch(runner="all", scope="dspark only")
+def export_dspark_metrics() -> None:
+    """Frontend (``LLM``'s process, the API server): vLLM's StatLoggerManager, through
+    which both record every step's stats, also creates the plugin's collectors (after
+    vLLM's Prometheus logger, which unregisters every ``vllm:`` collector it finds) and
+    records the step's payload with them; the payload leaves the stats before any vLLM
+    logger reads them (engine/metrics.py)."""
+    from vllm.logger import init_logger
+    from vllm.v1.metrics.loggers import StatLoggerManager
+
+    from vllm_dspark.engine import metrics
+
+    logger = init_logger(__name__)
+
+    def init(original):
+        def patched(self, vllm_config, *args, **kwargs):
+            original(self, vllm_config, *args, **kwargs)
+            self._dspark_metrics = None
+            if _is_dspark(vllm_config):
+                self._dspark_metrics = metrics.DSparkMetrics(
+                    vllm_config.speculative_config.num_speculative_tokens,
+                    vllm_config.model_config.served_model_name, self.engine_indexes)
+        return patched
+
+    def record(original):
+        def patched(self, scheduler_stats, iteration_stats, mm_cache_stats=None,
+                    engine_idx=None):
+            if scheduler_stats is not None:
+                payload = metrics.take(scheduler_stats)
+                dm = getattr(self, "_dspark_metrics", None)
+                if dm is not None:
+                    try:
+                        dm.observe(scheduler_stats.spec_decoding_stats, payload,
+                                   engine_idx or 0)
+                    except Exception:  # metrics must never stop the engine's output
+                        logger.exception("vllm-dspark: recording the plugin's metrics "
+                                         "failed; they stop here")
+                        self._dspark_metrics = None
+            return original(self, scheduler_stats, iteration_stats,
+                            mm_cache_stats=mm_cache_stats, engine_idx=engine_idx)
+        return patched
+
+    _wrap(StatLoggerManager, "__init__", init)
+    _wrap(StatLoggerManager, "record", record)

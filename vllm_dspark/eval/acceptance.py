@@ -29,6 +29,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shlex
 import subprocess
 import sys
@@ -37,8 +38,9 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from vllm_dspark.cli import add_dtype_argument
 from vllm_dspark.config import DSparkConfig
-from vllm_dspark.launch import engine_dtype, engine_env
+from vllm_dspark.launch import CPU_KV_CACHE_GIB, CPU_KV_ENV, engine_dtype, engine_env
 from vllm_dspark import prompts as prompts_mod
 from vllm_dspark.prompts import PROMPT_DIR_ENV, chat_prompt_ids, read_prompts
 
@@ -294,17 +296,38 @@ def _engine_main(job_path: str, out_path: str) -> int:
     return 0
 
 
+LOG_TAIL_LINES = 30
+
+
+def log_tail(text: str, n: int = LOG_TAIL_LINES) -> str:
+    """The last ``n`` lines of an engine log, and the last exception line before them
+    (vLLM's shutdown lines often follow the error that matters)."""
+    lines = text.rstrip("\n").splitlines()
+    tail = lines[-n:]
+    for line in reversed(lines[:-n] if len(lines) > n else []):
+        if re.match(r"^\s*(\S+ )*\w*(Error|Exception)\b.*:", line) and "Traceback" not in line:
+            return "\n".join([line, "..."] + tail)
+    return "\n".join(tail)
+
+
 def _run_engine(job: dict, *, upstream: bool, quiet: bool) -> dict:
-    env = env_without_our_plugin() if upstream else engine_env()
+    # Sized CPU KV cache unless the job sizes memory itself (vLLM-CPU's env var would
+    # override the fraction).
+    sized = job.get("gpu_memory_utilization") is not None
+    env = env_without_our_plugin() if upstream else engine_env(cpu_kv_cache=not sized)
+    if upstream and not sized and not env.get(CPU_KV_ENV):  # upstream: vLLM's runner choice
+        env[CPU_KV_ENV] = str(CPU_KV_CACHE_GIB)
     # The paper's acceptance protocol verifies every drafted token (no scheduler).
     env["VLLM_DSPARK_SCHEDULER"] = "fixed"
     with tempfile.TemporaryDirectory(prefix="vllm-dspark-eval-") as tmp:
         job_path, out_path = os.path.join(tmp, "job.json"), os.path.join(tmp, "out.json")
+        log_path = os.path.join(tmp, "engine.log")
         with open(job_path, "w") as f:
             json.dump(job, f)
         cmd = [sys.executable, "-m", "vllm_dspark.eval.acceptance", job_path, out_path]
-        sink = subprocess.DEVNULL if quiet else None
-        rc = subprocess.run(cmd, env=env, stdout=sink, stderr=sink).returncode
+        with open(log_path, "w") as log:  # --quiet: kept, and shown if the engine fails
+            sink = dict(stdout=log, stderr=subprocess.STDOUT) if quiet else {}
+            rc = subprocess.run(cmd, env=env, **sink).returncode
         res = None
         if os.path.isfile(out_path):
             with open(out_path) as f:
@@ -312,8 +335,17 @@ def _run_engine(job: dict, *, upstream: bool, quiet: bool) -> dict:
         if res and "error" in res:
             raise EvalError(res["error"])
         if rc != 0 or res is None:
-            raise EvalError(f"the vLLM engine process failed (exit status {rc}); its log is "
-                            "above" + (" (rerun without quiet to see it)" if quiet else ""))
+            msg = f"the vLLM engine process failed (exit status {rc})"
+            if not quiet:
+                raise EvalError(msg + "; its log is above")
+            with open(log_path, errors="replace") as f:
+                text = f.read()
+            kept = tempfile.NamedTemporaryFile("w", prefix="vllm-dspark-eval-", suffix=".log",
+                                               delete=False)
+            with kept:
+                kept.write(text)
+            raise EvalError(f"{msg}. The last lines of its log (all of it: {kept.name}):\n"
+                            + (log_tail(text) or "(the engine wrote nothing)"))
         return res
 
 
@@ -547,23 +579,31 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-prompts", type=int, default=80, help="first N prompts per dataset")
     p.add_argument("--gamma", type=int, default=None,
                    help="draft tokens per step γ (default: the draft's block_size)")
-    p.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 1.0])
-    p.add_argument("--max-tokens", type=int, default=256)
-    p.add_argument("--dtype", default="auto", help="auto = the model's, float32 on CPU")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-model-len", type=int, default=2048)
-    p.add_argument("--enforce-eager", action="store_true")
-    p.add_argument("--gpu-memory-utilization", type=float, default=None)
-    p.add_argument("--max-num-seqs", type=int, default=None)
+    p.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 1.0],
+                   help="sampling temperatures; each dataset runs at each")
+    p.add_argument("--max-tokens", type=int, default=256, help="new tokens per prompt at most")
+    add_dtype_argument(p, "vLLM dtype; auto = the model's on GPU, float32 on CPU")
+    p.add_argument("--seed", type=int, default=0, help="vLLM seed")
+    p.add_argument("--max-model-len", type=int, default=2048,
+                   help="vLLM max_model_len (capped at the target's); longer prompts are "
+                   "skipped")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="vLLM enforce_eager: no torch.compile / CUDA graphs (faster start-up)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=None,
+                   help="vLLM gpu_memory_utilization (default: vLLM's)")
+    p.add_argument("--max-num-seqs", type=int, default=None,
+                   help="vLLM max_num_seqs (default: vLLM's)")
     p.add_argument("--ignore-eos", action="store_true",
                    help="always generate --max-tokens tokens")
     p.add_argument("--no-spec-baseline", action="store_true",
                    help="also run the target without speculative decoding (tokens/s, speedup)")
     p.add_argument("--upstream", action="store_true",
                    help="use vLLM's own DSpark instead of this plugin (GPU / V2 runner only)")
-    p.add_argument("--out", default=None, help="write the results as JSON here")
-    p.add_argument("--plot", default=None, help="write a PNG of the results here")
-    p.add_argument("--quiet", action="store_true", help="hide the engine's log")
+    p.add_argument("--out", default=None,
+                   help="write the results as JSON here (default: print the table only)")
+    p.add_argument("--plot", default=None, help="write a PNG of the results here (default: none)")
+    p.add_argument("--quiet", action="store_true",
+                   help="hide the engine's log (its last lines are still printed if it fails)")
 
 
 def run(args: argparse.Namespace) -> int:

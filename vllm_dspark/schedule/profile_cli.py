@@ -31,15 +31,19 @@ if __name__ == "__main__":
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--target", required=True)
+    from vllm_dspark.cli import add_dtype_argument
+
+    p.add_argument("--target", required=True, help="target model directory (HF format)")
     p.add_argument("--draft", required=True, help="the DSpark draft (sets γ and the runner)")
     p.add_argument("--out", required=True, help="where to write the SPS table (JSON)")
-    p.add_argument("--gamma", type=int, default=0, help="γ (default: the draft's block_size)")
-    p.add_argument("--dtype", default="auto", help="auto = the model's (float32 on CPU)")
+    p.add_argument("--gamma", type=int, default=0, help="γ (default: 0 = the draft's block_size)")
+    add_dtype_argument(p, "vLLM dtype, as you will serve; auto = the model's on GPU, float32 "
+                       "on CPU")
     p.add_argument("--max-num-seqs", type=int, default=256,
                    help="largest batch served; the table covers up to max_num_seqs·(γ+1)")
-    p.add_argument("--max-model-len", type=int, default=2048)
-    p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--max-model-len", type=int, default=2048, help="vLLM max_model_len")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="profile without CUDA graphs / torch.compile, as you will serve")
 
 
 def run(args: argparse.Namespace) -> int:

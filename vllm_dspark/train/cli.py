@@ -15,7 +15,7 @@ import os
 import subprocess
 import sys
 
-from vllm_dspark.cli import require_positive
+from vllm_dspark.cli import add_dtype_argument, require_positive
 from vllm_dspark.train.data import add_generation_arguments
 
 
@@ -24,34 +24,43 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="draft checkpoint directory (also the state)")
     p.add_argument("--data", help="training data jsonl; generated there when absent "
                    "(default <out>/data.jsonl)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of data generation, initialisation and anchor sampling")
     m = p.add_argument_group("drafter")
     m.add_argument("--gamma", type=int, default=7, help="block size γ")
-    m.add_argument("--num-layers", type=int, default=2)
-    m.add_argument("--intermediate-size", type=int, default=None)
+    m.add_argument("--num-layers", type=int, default=2, help="drafter decoder layers")
+    m.add_argument("--intermediate-size", type=int, default=None,
+                   help="MLP width of the drafter layers (default: the target's)")
     m.add_argument("--target-layer-ids", type=int, nargs="+", default=None,
                    help="target layers whose hidden states condition the drafter "
                    "(default: --num-feature-layers evenly spaced)")
-    m.add_argument("--num-feature-layers", type=int, default=3)
+    m.add_argument("--num-feature-layers", type=int, default=3,
+                   help="how many evenly spaced target layers, without --target-layer-ids")
     m.add_argument("--markov-rank", type=int, default=32, help="0 = no sequential head")
-    m.add_argument("--markov-head-type", default="vanilla", choices=["vanilla", "gated", "rnn"])
-    m.add_argument("--no-confidence-head", action="store_true")
-    m.add_argument("--mask-token-id", type=int, default=None)
+    m.add_argument("--markov-head-type", default="vanilla", choices=["vanilla", "gated", "rnn"],
+                   help="sequential head (paper eq. 5-6)")
+    m.add_argument("--no-confidence-head", action="store_true",
+                   help="train without the confidence head (no confidence-scheduled "
+                   "verification then)")
+    m.add_argument("--mask-token-id", type=int, default=None,
+                   help="token id of the block's mask queries (default: '<|mask|>' if the "
+                   "vocabulary has it, else an added special token unused in chats)")
     t = p.add_argument_group("optimisation")
-    t.add_argument("--steps", type=int, default=2000)
-    t.add_argument("--batch-size", type=int, default=8)
+    t.add_argument("--steps", type=int, default=2000, help="optimiser steps")
+    t.add_argument("--batch-size", type=int, default=8, help="sequences per step")
     t.add_argument("--anchors", type=int, default=128, help="anchors (blocks) per sequence")
-    t.add_argument("--max-len", type=int, default=1024)
-    t.add_argument("--lr", type=float, default=1e-3)
-    t.add_argument("--warmup", type=int, default=100)
-    t.add_argument("--weight-decay", type=float, default=0.01)
-    t.add_argument("--dtype", default=None, help="compute dtype (default bfloat16 on GPU, "
-                   "float32 on CPU)")
-    t.add_argument("--save-every", type=int, default=250)
-    t.add_argument("--log-every", type=int, default=10)
+    t.add_argument("--max-len", type=int, default=1024,
+                   help="longest training sequence in tokens (prompt + answer)")
+    t.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW)")
+    t.add_argument("--warmup", type=int, default=100, help="linear warm-up steps")
+    t.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
+    add_dtype_argument(t, "compute dtype; auto = bfloat16 on GPU, float32 on CPU")
+    t.add_argument("--save-every", type=int, default=250, help="save the state every N steps")
+    t.add_argument("--log-every", type=int, default=10, help="log the losses every N steps")
     t.add_argument("--max-minutes", type=float, default=None,
-                   help="stop and save after this long; rerun to resume")
-    t.add_argument("--device", default=None)
+                   help="stop and save after this long; rerun to resume (default: no limit)")
+    t.add_argument("--device", default=None,
+                   help="torch device (default: cuda when available, else cpu)")
     t.add_argument("--generate-only", action="store_true", help="stop after writing the data")
     t.add_argument("--enforce-eager", action="store_true", help="vLLM option for generation")
     add_generation_arguments(p)
@@ -69,7 +78,7 @@ def _check(args: argparse.Namespace) -> None:
 
 
 def generate_data(args: argparse.Namespace, data: str) -> None:
-    from vllm_dspark.launch import engine_dtype
+    from vllm_dspark.launch import engine_dtype, engine_env
 
     cmd = [sys.executable, "-m", "vllm_dspark.train.data", "--target", args.target,
            "--out", data, "--seed", str(args.seed), "--max-len", str(args.max_len),
@@ -87,7 +96,7 @@ def generate_data(args: argparse.Namespace, data: str) -> None:
     if args.enforce_eager:
         cmd.append("--enforce-eager")
     print("generating training data:", " ".join(cmd), file=sys.stderr)
-    subprocess.run(cmd, check=True)
+    subprocess.run(cmd, check=True, env=engine_env())  # CPU: a sized KV cache
 
 
 def run(args: argparse.Namespace) -> int:
@@ -112,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
         steps=args.steps, batch_size=args.batch_size, anchors=args.anchors,
         max_len=args.max_len, lr=args.lr, warmup=min(args.warmup, args.steps),
         weight_decay=args.weight_decay, seed=args.seed,
-        dtype=args.dtype or ("bfloat16" if on_gpu else "float32"),
+        dtype=args.dtype if args.dtype != "auto" else ("bfloat16" if on_gpu else "float32"),
         save_every=args.save_every, log_every=args.log_every, max_minutes=args.max_minutes,
         device=args.device or ("cuda" if on_gpu else "cpu"),
     )

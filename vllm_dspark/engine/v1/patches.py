@@ -184,6 +184,37 @@ def carry_drafts_in_the_output() -> None:
     _wrap(MultiprocExecutor, "take_draft_token_ids", take_draft_token_ids)
 
 
+@patch(runner="V1", scope="dspark only")
+def carry_round_stats_in_the_output() -> None:
+    """The plugin's metrics start in the worker: the V1 proposer counts its rounds
+    (drafted, skipped by the draft gate, the scheduler's decision times;
+    ``schedule/round.py: RoundStats``). Attach them to the step's ``ModelRunnerOutput``
+    (``dspark_round``, pickled to the engine core with it), where
+    ``collect_dspark_step_stats`` reads them. Under async scheduling the output the
+    engine core receives is the inner one of ``AsyncGPUModelRunnerOutput``."""
+    from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    from vllm_dspark.engine.metrics import ROUND_ATTR
+
+    def make(original):
+        def patched(self, grammar_output):
+            out = original(self, grammar_output)
+            take = getattr(getattr(self, "drafter", None), "take_round_stats", None)
+            target = getattr(out, "_model_runner_output", out)  # async: the inner output
+            if take is None or type(target) is not ModelRunnerOutput:
+                return out
+            stats = take()
+            if stats is not None:
+                if target is EMPTY_MODEL_RUNNER_OUTPUT:  # a shared constant: never mark it
+                    out = target = copy.copy(target)
+                setattr(target, ROUND_ATTR, stats)
+            return out
+        return patched
+
+    _wrap(GPUModelRunner, "sample_tokens", make)
+
+
 def _expand_kernel_impl(output, input_val, cu_num_tokens, replace_from, replace_to,
                         MAX_NUM_TOKENS=None):
     """Torch twin of rejection_sampler.expand_kernel: repeat each request's value per token."""
