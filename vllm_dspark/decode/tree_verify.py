@@ -1,0 +1,131 @@
+"""Accepting a path of a draft tree against the target's logits (torch reference).
+
+``target_logits[r, 0]`` is the target's output at the root (it predicts depth-1
+tokens), ``target_logits[r, 1 + i]`` at node i (its children), from one tree-masked
+forward (``tree_attention``). Only the first ``admitted[r]`` nodes take part (a prefix of
+the tree's order is a subtree). The walk starts at the root and, at each node, either
+descends to one admitted child or stops and emits one more token (the bonus):
+
+- greedy rows (T < GREEDY_EPS): x = argmax p; descend to the child whose token is x.
+  The path is the longest one whose tokens equal the target's argmax at their parents.
+- T > 0, deterministic children (a fixed candidate set): draw x ~ p = softmax(l/T)
+  (Gumbel-max, noise indexed by node); descend if a child's token is x, else emit x.
+  Every emitted token is a plain draw from the target's distribution given the tokens
+  before it, whatever the tree (built without looking at the target's noise), so the
+  output is distributed exactly as the target's. Acceptance = Σ_children p(child).
+- T > 0, sampled children (``DraftTree.sampled``; child j drawn from q_j, q with the
+  earlier siblings removed): recursive rejection over the children in draw order. With
+  p_1 = p: accept child j if u_j·q_j(x_j) < p_j(x_j), else p_{j+1} = norm(max(p_j − q_j, 0));
+  if none is accepted emit a draw from the last residual. Each round is one standard
+  rejection step of p_j with proposal q_j (x_j | x_{<j} ~ q_j, and the residual does not
+  depend on x_j), so by induction from the last round the emitted token ~ p. Lossless
+  when which children are verified never depends on their own tokens or later draws
+  (the tree's rule for sampled children, and Algorithm 1 over nodes, keep that).
+
+Randomness is explicit (``TreeNoise``), indexed by tree row, so a kernel can be held to
+this reference draw for draw.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from vllm_dspark.decode.draft import GREEDY_EPS
+from vllm_dspark.decode.tree import DraftTree
+
+
+@dataclass
+class TreeNoise:
+    gumbel: torch.Tensor  # [R, N+1, V] float32: the draw from p (or the residual) at a row
+    uniform: torch.Tensor  # [R, N] float64: the accept test of node i (recursive rejection)
+
+
+def draw_noise(r: int, n: int, v: int, generator: torch.Generator | None = None,
+               device="cpu") -> TreeNoise:
+    gumbel = -torch.empty(r, n + 1, v, device=device).exponential_(generator=generator).log()
+    uniform = torch.rand(r, n, dtype=torch.float64, generator=generator, device=device)
+    return TreeNoise(gumbel, uniform)
+
+
+@dataclass
+class TreeVerdict:
+    accepted: torch.Tensor  # [R, N] int64: node indices along the accepted path; -1 after
+    num_accepted: torch.Tensor  # [R] int64
+    tokens: torch.Tensor  # [R, N+1] int64: the accepted nodes' tokens, then the bonus; -1 after
+    num_emitted: torch.Tensor  # [R] int64 = num_accepted + 1
+
+
+def kept_rows(verdict: TreeVerdict) -> torch.Tensor:
+    """[R, N+1] tree rows (0 = root, 1 + i = node i) whose K/V and hidden states become
+    context, in order: the root, then the accepted path; -1 after. What KV compaction
+    moves to slots num_computed + 0, 1, ..."""
+    acc = verdict.accepted
+    rows = torch.where(acc >= 0, acc + 1, -1)
+    return torch.cat([torch.zeros_like(rows[:, :1]), rows], 1)
+
+
+@torch.no_grad()
+def verify_tree(
+    tree: DraftTree,
+    target_logits: torch.Tensor,  # [R, N+1, V]
+    temperature: torch.Tensor | None,  # [R]; None: greedy
+    noise: TreeNoise | None = None,  # needed for rows with T > 0
+    admitted: torch.Tensor | None = None,  # [R] nodes verified; None: tree.count
+) -> TreeVerdict:
+    """One request at a time, one node at a time: the reference for kernels."""
+    r, n = tree.tokens.shape
+    admitted = tree.count if admitted is None else admitted
+    accepted = torch.full((r, n), -1, dtype=torch.long)
+    tokens = torch.full((r, n + 1), -1, dtype=torch.long)
+    num = torch.zeros(r, dtype=torch.long)
+    for b in range(r):
+        t = 0.0 if temperature is None else float(temperature[b])
+        path, bonus = _walk(tree, b, int(admitted[b]), target_logits[b].float(), t, noise)
+        for s, i in enumerate(path):
+            accepted[b, s], tokens[b, s] = i, tree.tokens[b, i]
+        tokens[b, len(path)], num[b] = bonus, len(path)
+    return TreeVerdict(accepted, num, tokens, num + 1)
+
+
+def _walk(tree: DraftTree, b: int, admitted: int, logits, t: float, noise):
+    """(accepted node indices, bonus token) of request b."""
+    kids = {-1: []}
+    for i in range(admitted):  # children per node, in rank (draw) order
+        kids.setdefault(int(tree.parents[b, i]), []).append(i)
+    for lst in kids.values():
+        lst.sort(key=lambda i: int(tree.sibling[b, i]))
+    cur, path = -1, []
+    while True:
+        row, options = logits[cur + 1], kids.get(cur, [])
+        if t < GREEDY_EPS:
+            nxt, x = _pick(tree, b, options, int(row.argmax()))
+        elif not tree.sampled:
+            nxt, x = _pick(tree, b, options, int((row / t + noise.gumbel[b, cur + 1]).argmax()))
+        else:
+            nxt, x = _recursive_rejection(tree, b, options, torch.softmax(row / t, -1),
+                                          noise, cur)
+        if nxt is None:
+            return path, x
+        path.append(nxt)
+        cur = nxt
+
+
+def _pick(tree, b, options, x):
+    for i in options:
+        if int(tree.tokens[b, i]) == x:
+            return i, x
+    return None, x
+
+
+def _recursive_rejection(tree, b, options, p, noise, cur):
+    for i in options:
+        q, x = tree.probs[b, i].double(), int(tree.tokens[b, i])
+        p = p.double()
+        if float(noise.uniform[b, i]) * float(q[x]) < float(p[x]):
+            return i, x
+        residual = (p - q).clamp(min=0)
+        if float(residual.sum()) > 0:  # 0 only if p = q up to rounding: keep p then
+            p = residual / residual.sum()
+    return None, int((p.float().log() + noise.gumbel[b, cur + 1]).argmax())
