@@ -6,6 +6,7 @@ yields in expectation 1 + Σ_{j≤ℓ_r} a_{r,j} tokens, with a_{r,j} = ∏_{i�
 The schedulers choose ℓ_r to maximise the batch throughput Θ = τ·SPS(B).
 
 - ``causal_schedule``: Algorithm 1 with its early stop; lossless (Appendix A).
+  ``causal_schedule_from_survival`` is the same on given survival values (tree nodes).
 - ``async_schedule``: §5.2; the admission budget K comes from confidences two
   steps old (global argmax of Θ, no early stop), the admitted tokens are the
   current top-K. Lossless because K cannot depend on the current drafts.
@@ -127,7 +128,15 @@ def causal_schedule(
     stops increasing" is exactly the loop's stopping point."""
     if c.shape[0] == 0:
         return _empty(c.device)
-    a = survival(c, lengths_cap)
+    return causal_schedule_from_survival(survival(c, lengths_cap), sps)
+
+
+def causal_schedule_from_survival(a: torch.Tensor, sps: SPSLike) -> Schedule:
+    """Algorithm 1 on given survival values a [R, L] (float64 in [0, 1], 0 = no
+    candidate), each row nonincreasing: lengths are then prefixes of the rows. The
+    chain's a is ``survival(c)``; a draft tree's is its nodes' (``schedule.tree``)."""
+    if a.shape[0] == 0:
+        return _empty(a.device)
     order, tau, theta, _ = _theta_path(a, sps)
     improves = theta[1:] > theta[:-1]  # -inf past the valid candidates never improves
     n_admit = torch.cumprod(improves.long(), 0).sum()  # length of the leading run of True
