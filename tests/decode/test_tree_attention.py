@@ -1,13 +1,9 @@
 """The tree mask and positions: one tree-masked target pass gives every node the logits
 of the sequential chain context + root + its path (HF Qwen3, float64)."""
 
-import os
-
-import pytest
 import torch
 from tree_helpers import tree_forward
 
-from tiny_models import make_target
 from vllm_dspark.decode.tree_attention import (
     ancestor_mask,
     attention_mask_with_context,
@@ -51,16 +47,9 @@ def test_positions_and_context():
     assert torch.equal(full[0, :, 5:], ancestor_mask(PARENTS)[0])
 
 
-@pytest.fixture(scope="module")
-def qwen3(models_dir):
-    from transformers import AutoModelForCausalLM
-
-    path = make_target(os.path.join(models_dir, "tree-qwen3"), "qwen3", seed=5)
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64).eval()
-
-
 @torch.no_grad()
-def test_tree_forward_equals_per_path_forward(qwen3):
+def test_tree_forward_equals_per_path_forward(qwen3_target):
+    _, qwen3 = qwen3_target
     g = torch.Generator().manual_seed(0)
     seq = torch.randint(0, 384, (13,), generator=g).tolist()  # context 12 + root
     tokens = torch.randint(0, 384, (9,), generator=g)

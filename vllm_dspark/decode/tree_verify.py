@@ -76,53 +76,47 @@ def verify_tree(
 ) -> TreeVerdict:
     """One request at a time, one node at a time: the reference for kernels."""
     r, n = tree.tokens.shape
-    admitted = tree.count if admitted is None else admitted
+    admitted = (tree.count if admitted is None else admitted).tolist()
+    temps = [0.0] * r if temperature is None else temperature.tolist()
     accepted = torch.full((r, n), -1, dtype=torch.long)
     tokens = torch.full((r, n + 1), -1, dtype=torch.long)
     num = torch.zeros(r, dtype=torch.long)
     for b in range(r):
-        t = 0.0 if temperature is None else float(temperature[b])
-        path, bonus = _walk(tree, b, int(admitted[b]), target_logits[b].float(), t, noise)
-        for s, i in enumerate(path):
-            accepted[b, s], tokens[b, s] = i, tree.tokens[b, i]
+        toks = tree.tokens[b].tolist()
+        path, bonus = _walk(tree, b, toks, admitted[b], target_logits[b].float(), temps[b], noise)
+        accepted[b, : len(path)] = torch.tensor(path, dtype=torch.long)
+        tokens[b, : len(path)] = torch.tensor([toks[i] for i in path], dtype=torch.long)
         tokens[b, len(path)], num[b] = bonus, len(path)
     return TreeVerdict(accepted, num, tokens, num + 1)
 
 
-def _walk(tree: DraftTree, b: int, admitted: int, logits, t: float, noise):
+def _walk(tree: DraftTree, b: int, toks: list[int], admitted: int, logits, t: float, noise):
     """(accepted node indices, bonus token) of request b."""
-    kids = {-1: []}
-    for i in range(admitted):  # children per node, in rank (draw) order
-        kids.setdefault(int(tree.parents[b, i]), []).append(i)
-    for lst in kids.values():
-        lst.sort(key=lambda i: int(tree.sibling[b, i]))
+    parents, sibling = tree.parents[b].tolist(), tree.sibling[b].tolist()
+    kids = {}
+    for i in sorted(range(admitted), key=lambda i: sibling[i]):  # rank (draw) order
+        kids.setdefault(parents[i], []).append(i)
     cur, path = -1, []
     while True:
         row, options = logits[cur + 1], kids.get(cur, [])
-        if t < GREEDY_EPS:
-            nxt, x = _pick(tree, b, options, int(row.argmax()))
-        elif not tree.sampled:
-            nxt, x = _pick(tree, b, options, int((row / t + noise.gumbel[b, cur + 1]).argmax()))
-        else:
-            nxt, x = _recursive_rejection(tree, b, options, torch.softmax(row / t, -1),
-                                          noise, cur)
+        if t >= GREEDY_EPS and tree.sampled:
+            p = torch.softmax(row / t, -1)
+            nxt, x = _recursive_rejection(tree, b, toks, options, p, noise, cur)
+        else:  # greedy, or a draw from p against a fixed candidate set
+            x = int(row.argmax() if t < GREEDY_EPS else (row / t + noise.gumbel[b, cur + 1])
+                    .argmax())
+            nxt = next((i for i in options if toks[i] == x), None)
         if nxt is None:
             return path, x
         path.append(nxt)
         cur = nxt
 
 
-def _pick(tree, b, options, x):
+def _recursive_rejection(tree, b, toks, options, p, noise, cur):
+    """(accepted child or None, its token or the residual's draw) at node ``cur``."""
+    p = p.double()
     for i in options:
-        if int(tree.tokens[b, i]) == x:
-            return i, x
-    return None, x
-
-
-def _recursive_rejection(tree, b, options, p, noise, cur):
-    for i in options:
-        q, x = tree.probs[b, i].double(), int(tree.tokens[b, i])
-        p = p.double()
+        q, x = tree.probs[b, i].double(), toks[i]
         if float(noise.uniform[b, i]) * float(q[x]) < float(p[x]):
             return i, x
         residual = (p - q).clamp(min=0)
