@@ -136,3 +136,26 @@ def test_the_budget_manager_keeps_vllms_bookkeeping(seed):
     assert n == len(tokens) + budget and budget <= scheduled
     # Θ rises strictly up to the causal stop, so the global first argmax is never before it.
     assert budget <= ours.last_budget[0]
+
+
+@pytest.mark.parametrize("adaptive,env,says", [
+    (False, None, "scheduler fixed (verify all γ)"),
+    (True, "causal", "device-side budget, rule causal"),
+    (True, "async", "device-side budget, rule global"),
+    (True, None, "vLLM's adaptive verification (its own rule)"),
+])
+def test_the_v2_start_up_line_says_what_runs(drafter_factory, monkeypatch, adaptive, env, says):
+    from vllm_dspark.config import DSparkConfig
+    from vllm_dspark.engine.v2.speculator import DSparkV2Speculator
+
+    if env is None:
+        monkeypatch.delenv("VLLM_DSPARK_SCHEDULER", raising=False)
+    else:
+        monkeypatch.setenv("VLLM_DSPARK_SCHEDULER", env)
+    draft = drafter_factory("qwen3", "gated")
+    spec = _config(draft).speculative_config
+    spec.enable_adaptive_verification, spec.draft_sample_method = adaptive, "probabilistic"
+    stand_in = SimpleNamespace(speculative_config=spec, dspark=DSparkConfig.from_dir(draft),
+                               num_speculative_steps=4)
+    line = DSparkV2Speculator._describe_choice(stand_in)
+    assert line.startswith("vllm-dspark: runner V2, γ=4, gated Markov head") and says in line

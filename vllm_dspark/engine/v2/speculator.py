@@ -63,12 +63,26 @@ class DSparkV2Speculator(DSparkSpeculator):
             self.use_acceptance_estimator = False
         model.attach_target_final_norm(
             target_model, self.vllm_config.model_config.get_total_num_hidden_layers())
-        logger.info(
-            "vllm-dspark: V2 speculator, %s head (rank %d), confidence head %s, "
-            "STS temperatures %s", self.dspark.markov_head_type, self.dspark.markov_rank,
-            "on" if self.use_confidence_head else "off",
-            "on" if self.dspark.sts_temperatures else "off")
+        logger.info(self._describe_choice())
         return model
+
+    def _describe_choice(self) -> str:
+        """The start-up line (vllm_dspark.logs): heads, drafts, and the verification rule
+        in effect on this runner (engine/v2/patches.py decided it from the knobs)."""
+        from vllm_dspark.engine.v2.patches import _RULES, _scheduler_mode
+        from vllm_dspark.logs import describe_choice
+
+        spec = self.speculative_config
+        if not spec.enable_adaptive_verification:
+            scheduler, sps = "fixed (verify all γ)", None
+        else:
+            rule = _RULES.get(_scheduler_mode(spec))
+            scheduler = (f"device-side budget, rule {rule}" if rule is not None
+                         else "vLLM's adaptive verification (its own rule)")
+            sps = "vLLM's step costs, profiled at capture"
+        return describe_choice("V2", self.dspark, gamma=self.num_speculative_steps,
+                               scheduler=scheduler, sps=sps,
+                               draft_sample_method=spec.draft_sample_method)
 
     def _sample_sequential(self, num_reqs: int, head_hidden: torch.Tensor) -> None:
         """Left to right over the block: bias from the previous token, sample, confidence.
