@@ -35,7 +35,7 @@ def test_every_option_has_help_and_shows_its_default(name):
             assert "default" in shown, f"{name} {label}: no default shown in {shown!r}"
     text = parser.format_help()
     assert "``" not in text and "%(" not in text
-    assert "(default: None)" not in text  # a None default says what it means instead
+    assert "(default: None)" not in text  # "none", or what None means there
 
 
 def test_flags_and_lists_read_naturally():

@@ -37,14 +37,16 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """argparse's "(default: X)" after every option's help, unless the help states its
-    default itself (a default of None always does: "(default: the draft's block_size)");
-    flags show "off", lists their items."""
+    default itself, as it should where None means something ("(default: the draft's
+    block_size)"); a bare None shows as "none", flags as "off", lists their items."""
 
     def _get_help_string(self, action):
         text = action.help or ""
         if ("(default" in text or action.required or action.default is argparse.SUPPRESS
-                or not action.option_strings or action.default is None):
+                or not action.option_strings):
             return text
+        if action.default is None:
+            return f"{text} (default: none)"
         if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
             return f"{text} (default: {'on' if action.default else 'off'})"
         if isinstance(action.default, (list, tuple)):
