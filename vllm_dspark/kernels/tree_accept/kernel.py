@@ -1,0 +1,117 @@
+"""The tree acceptance walk as one Triton program per request (``ref.py`` is the spec).
+
+Each program keeps its request's tree (tokens, parents; ≤ BLOCK_N nodes) in registers
+and walks from the root: per visited row, a blocked argmax over the vocabulary of the
+logits (greedy) or of l/T + g (a Gumbel-max draw from softmax(l/T)), then a match of x
+against the admitted children of the current node. The loop runs N + 1 times with a
+live flag instead of a break. Ties go to the lowest vocabulary index, as torch.argmax.
+l/T + g is computed in float32 in the same order as the reference, so the draws match
+exactly (the tests compare them under ``TRITON_INTERPRET=1`` on CPU).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vllm_dspark.decode.draft import GREEDY_EPS
+from vllm_dspark.decode.tree_verify import TreeVerdict
+from vllm_dspark.kernels.tree_accept.ref import check_inputs
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the torch reference still works
+    triton = None
+
+MAX_NODES = 1024  # one program holds the whole tree
+BLOCK_V = 1024  # vocabulary entries per argmax step
+
+if triton is not None:
+
+    @triton.jit
+    def _tree_accept_kernel(
+        logits_ptr, gumbel_ptr, tokens_ptr, parents_ptr, admitted_ptr, temp_ptr,
+        accepted_ptr, emitted_ptr, num_ptr,
+        N, V, stride_lr, stride_ln, stride_gr, stride_gn,
+        HAS_GUMBEL: tl.constexpr, EPS: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+    ):
+        r = tl.program_id(0).to(tl.int64)
+        offs_n = tl.arange(0, BLOCK_N)
+        admitted = tl.load(admitted_ptr + r)
+        live = (offs_n < N) & (offs_n < admitted)
+        toks = tl.load(tokens_ptr + r * N + offs_n, mask=live, other=-1)
+        pars = tl.load(parents_ptr + r * N + offs_n, mask=live, other=-2)
+        t = tl.load(temp_ptr + r)
+        greedy = t < EPS
+        t = tl.where(greedy, 1.0, t)
+        cur = -1
+        active = 1
+        num = 0
+        for step in range(0, N + 1):
+            if active != 0:
+                row = cur + 1
+                base = logits_ptr + r * stride_lr + row * stride_ln
+                best = float("-inf")
+                best_i = 0
+                for v0 in range(0, V, BLOCK_V):
+                    offs_v = v0 + tl.arange(0, BLOCK_V)
+                    in_v = offs_v < V
+                    score = tl.load(base + offs_v, mask=in_v, other=float("-inf")).to(tl.float32)
+                    if HAS_GUMBEL:
+                        g = tl.load(gumbel_ptr + r * stride_gr + row * stride_gn + offs_v,
+                                    mask=in_v, other=0.0)
+                        score = tl.where(greedy, score, score / t + g)  # -inf stays -inf
+                    blk_max = tl.max(score, 0)
+                    blk_arg = tl.argmax(score, 0)
+                    better = blk_max > best  # strict: ties stay with the earlier block
+                    best_i = tl.where(better, v0 + blk_arg, best_i)
+                    best = tl.maximum(best, blk_max)
+                x = best_i
+                child = live & (pars == cur) & (toks == x)
+                found = tl.max(child.to(tl.int32), 0) > 0
+                nxt = tl.min(tl.where(child, offs_n, BLOCK_N), 0)
+                tl.store(emitted_ptr + r * (N + 1) + step, x.to(tl.int64))
+                if found:
+                    tl.store(accepted_ptr + r * N + step, nxt.to(tl.int64))
+                    num += 1
+                    cur = nxt
+                else:
+                    active = 0
+        tl.store(num_ptr + r, num.to(tl.int64))
+
+
+def available(device: torch.device) -> bool:
+    """Whether the kernel can run for tensors on ``device`` (a GPU, or the interpreter)."""
+    if triton is None:
+        return False
+    interpreted = type(_tree_accept_kernel).__name__ == "InterpretedFunction"
+    return interpreted or device.type == "cuda"
+
+
+@torch.no_grad()
+def tree_accept_triton(logits, tokens, parents, admitted, temperature, gumbel=None) -> TreeVerdict:
+    """Same contract as ``ref.tree_accept_ref``; trees of at most MAX_NODES nodes."""
+    check_inputs(logits, tokens, parents, admitted, temperature, gumbel)
+    r, n = tokens.shape
+    if n > MAX_NODES:
+        raise ValueError(f"{n} nodes exceed one program ({MAX_NODES}); use tree_accept_ref")
+    dev = logits.device
+    accepted = torch.full((r, n), -1, dtype=torch.long, device=dev)
+    emitted = torch.full((r, n + 1), -1, dtype=torch.long, device=dev)
+    num = torch.zeros(r, dtype=torch.long, device=dev)
+    if r == 0:
+        return TreeVerdict(accepted, num, emitted, num + 1)
+    logits = logits if logits.stride(-1) == 1 else logits.contiguous()
+    g = logits if gumbel is None else gumbel.to(torch.float32).contiguous()
+    v = logits.shape[-1]
+    _tree_accept_kernel[(r,)](
+        logits, g, tokens.long().contiguous(), parents.long().contiguous(),
+        admitted.long().contiguous(), temperature.to(torch.float32).contiguous(),
+        accepted, emitted, num, n, v, logits.stride(0), logits.stride(1),
+        g.stride(0), g.stride(1),
+        HAS_GUMBEL=gumbel is not None, EPS=GREEDY_EPS,
+        BLOCK_N=triton.next_power_of_2(max(n, 1)),
+        BLOCK_V=min(BLOCK_V, triton.next_power_of_2(v)),
+    )
+    return TreeVerdict(accepted, num, emitted, num + 1)
