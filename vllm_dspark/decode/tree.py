@@ -88,8 +88,8 @@ def children(
     spec: TreeSpec,
     generator: torch.Generator | None,
 ):
-    """The branching rule at a batch of nodes P: (tokens, e, valid, q, c) with tokens,
-    e (float32) and valid [..., k] (k = min(width, V)), q [..., V] and c [...]."""
+    """The branching rule at a batch of nodes P: (tokens, e, valid, q), with tokens,
+    e (float32) and valid [..., k] (k = min(width, V)) in rank order, q [..., V]."""
     q = torch.softmax(logits / temp[..., None], dim=-1)
     if c is None:
         c = q.amax(-1)
@@ -108,7 +108,7 @@ def children(
     wide = c < spec.branch_below
     valid = (j == 0) | wide[..., None]
     valid = valid & (~sample[..., None] | (qx > 0))  # never draw a zero-probability token
-    return tokens, e.clamp(0, 1).float(), valid, q, c
+    return tokens, e.clamp(0, 1).float(), valid, q
 
 
 def without_earlier_siblings(q: torch.Tensor, drawn: torch.Tensor, j: int) -> torch.Tensor:
@@ -145,14 +145,14 @@ def draft_tree(
     n, dev = spec.budget, hidden.device
     rows = torch.arange(r, device=dev)[:, None]
     temp = row_temperatures(temperature, r, dev)
-    stochastic = temperature is not None and bool((temperature >= GREEDY_EPS).any())
-    sample = (temperature >= GREEDY_EPS).to(dev) if temperature is not None else \
-        torch.zeros(r, dtype=torch.bool, device=dev)
-    sample = sample & spec.sample_children
+    hot = (temperature.to(dev) >= GREEDY_EPS if temperature is not None
+           else torch.zeros(r, dtype=torch.bool, device=dev))  # [R] rows with T > 0
+    stochastic = bool(hot.any())  # then q is kept (for every row)
+    sample = hot & spec.sample_children
     sts = sts_per_position(sts_temperatures, gamma)
-    # The parents being expanded (the root first), each depth's kept nodes in its order.
-    par_tok, par_surv = anchor_ids.long()[:, None], torch.ones(r, 1, dtype=torch.float64,
-                                                                 device=dev)
+    # The parents being expanded, [R, M]: the root, then each depth's kept nodes in order.
+    par_tok = anchor_ids.long()[:, None]
+    par_surv = torch.ones(r, 1, dtype=torch.float64, device=dev)
     par_valid = torch.ones(r, 1, dtype=torch.bool, device=dev)
     state = markov_head.init_state((r, 1), hidden) if markov_head is not None else None
     levels = []
@@ -165,7 +165,7 @@ def draft_tree(
             logits = logits + bias.float()
         c = (position_confidence(confidence_head, markov_head, h, par_tok, sts[d])
              if confidence_head is not None else None)
-        tok, e, valid, q, _ = children(logits, temp[:, None].expand(r, m),
+        tok, e, valid, q = children(logits, temp[:, None].expand(r, m),
                                        c, sample[:, None].expand(r, m), spec, generator)
         k = tok.shape[-1]
         valid = valid & par_valid[..., None]

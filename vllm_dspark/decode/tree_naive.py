@@ -50,7 +50,7 @@ def draft_tree_naive(
             logits = logits + bias.float()
         c = (position_confidence(confidence_head, markov_head, h, prev, sts[depth])
              if confidence_head is not None else None)
-        tokens, e, valid, q, _ = children(logits, temp, c, sample, spec, generator)
+        tokens, e, valid, q = children(logits, temp, c, sample, spec, generator)
         for j in range(tokens.shape[0]):
             if valid[j]:
                 s = survival * float(e[j])

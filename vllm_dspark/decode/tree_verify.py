@@ -13,6 +13,7 @@ descends to one admitted child or stops and emits one more token (the bonus):
   Every emitted token is a plain draw from the target's distribution given the tokens
   before it, whatever the tree (built without looking at the target's noise), so the
   output is distributed exactly as the target's. Acceptance = Σ_children p(child).
+  (Exact for sampled children too, ignoring their q; recursive rejection accepts more.)
 - T > 0, sampled children (``DraftTree.sampled``; child j drawn from q_j, q with the
   earlier siblings removed): recursive rejection over the children in draw order. With
   p_1 = p: accept child j if u_j·q_j(x_j) < p_j(x_j), else p_{j+1} = norm(max(p_j − q_j, 0));
