@@ -74,7 +74,8 @@ def test_reference_greedy_without_noise():
 if not RUN_KERNEL:
 
     def test_in_triton_interpreter():
-        env = {**os.environ, "TRITON_INTERPRET": "1"}
+        # one thread: tiny tensors, and no oversubscription on a shared 2-core box
+        env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
         r = subprocess.run(
             [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
              "-k", "kernel_", __file__],
