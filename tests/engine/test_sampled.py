@@ -14,6 +14,7 @@ sampler that emits draft tokens unchecked.
 import pytest
 import torch
 
+from checks import chi_square_p_value
 from conftest import requires_vllm
 from harness import acceptance, run_job
 from tiny_models import bigram_logits, make_oracle_pair
@@ -21,32 +22,6 @@ from tiny_models import bigram_logits, make_oracle_pair
 pytestmark = [requires_vllm, pytest.mark.engine]
 
 N_SEQ, MAX_TOKENS, PROMPT = 1600, 8, [5, 17, 33]
-
-
-def chi_square_p_value(pairs: torch.Tensor, probs: torch.Tensor) -> float:
-    """pairs: [N, 2] (prev, next); probs: [V, V] rows = next-token distributions."""
-    v = probs.shape[0]
-    counts = torch.zeros(v, v, dtype=torch.float64)
-    counts.index_put_((pairs[:, 0], pairs[:, 1]), torch.ones(len(pairs), dtype=torch.float64),
-                      accumulate=True)
-    stat, df = 0.0, 0
-    for row in range(v):
-        n = counts[row].sum()
-        if n < 20:
-            continue
-        exp = n * probs[row].double()
-        big = exp >= 5
-        obs_cells = [counts[row][big]]
-        exp_cells = [exp[big]]
-        if (~big).any():
-            obs_cells.append(counts[row][~big].sum()[None])
-            exp_cells.append(exp[~big].sum()[None])
-        o, e = torch.cat(obs_cells), torch.cat(exp_cells)
-        keep = e > 0
-        stat += float(((o[keep] - e[keep]) ** 2 / e[keep]).sum())
-        df += int(keep.sum()) - 1
-    assert df > 20, df
-    return float(torch.special.gammaincc(torch.tensor(df / 2.0), torch.tensor(stat / 2.0)))
 
 
 def transitions(result) -> torch.Tensor:

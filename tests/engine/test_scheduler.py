@@ -17,7 +17,8 @@ import torch
 
 from conftest import requires_vllm
 from harness import acceptance, read_trace, run_job, tokens
-from test_sampled import PROMPT, chi_square_p_value, transitions
+from checks import chi_square_p_value
+from test_sampled import PROMPT, transitions
 from tiny_models import bigram_logits, make_oracle_pair
 
 from vllm_dspark.config import DSparkConfigError

@@ -91,7 +91,8 @@ def test_v2_greedy_equivalence_under_preemption(greedy_runs, targets, drafter_fa
 
 @pytest.mark.parametrize("mode", ["fixed", "causal"])
 def test_v2_sampled_tokens_follow_the_target_distribution(models_dir, mode):
-    from test_sampled import MAX_TOKENS, N_SEQ, PROMPT, chi_square_p_value, transitions
+    from checks import chi_square_p_value
+    from test_sampled import MAX_TOKENS, N_SEQ, PROMPT, transitions
     from tiny_models import bigram_logits, make_oracle_pair
 
     target, draft = make_oracle_pair(models_dir, "qwen3", corrupt_fraction=0.35, scale=4.0)

@@ -7,12 +7,10 @@ checked here against ``verify_tree`` (no interpreter needed).
 """
 
 import os
-import re
-import subprocess
-import sys
 
 import pytest
 import torch
+from checks import run_in_triton_interpreter
 from tree_helpers import block_inputs, small_drafter
 
 from vllm_dspark.decode.tree import TreeSpec, draft_tree
@@ -74,16 +72,8 @@ def test_reference_greedy_without_noise():
 if not RUN_KERNEL:
 
     def test_in_triton_interpreter():
-        # one thread: tiny tensors, and no oversubscription on a shared 2-core box
-        env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
-        r = subprocess.run(
-            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-             "-k", "kernel_", __file__],
-            env=env, capture_output=True, text=True, timeout=900)
-        out = r.stdout + r.stderr
-        assert r.returncode == 0, out[-6000:]
-        summary = r.stdout.strip().splitlines()[-1]
-        assert re.match(r"6 passed, \d+ deselected(, \d+ warnings?)? in ", summary), summary
+        all_kernel_tests = r"6 passed, \d+ deselected(, \d+ warnings?)? in "
+        run_in_triton_interpreter(__file__, "kernel_", all_kernel_tests, one_thread=True)
 
 else:
 

@@ -8,12 +8,10 @@ GPU the compiled kernel is checked directly.
 
 import os
 import random
-import re
-import subprocess
-import sys
 
 import pytest
 import torch
+from checks import run_in_triton_interpreter
 
 from vllm_dspark.schedule.prefix import (
     async_schedule,
@@ -30,16 +28,8 @@ RUN_HERE = torch.cuda.is_available() or INTERPRETED
 if not RUN_HERE:
 
     def test_in_triton_interpreter():
-        env = {**os.environ, "TRITON_INTERPRET": "1"}
-        r = subprocess.run(
-            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-             "-k", "not interpreter", __file__],
-            env=env, capture_output=True, text=True, timeout=900)
-        out = r.stdout + r.stderr
-        assert r.returncode == 0, out[-6000:]
-        summary = r.stdout.strip().splitlines()[-1]
         # all passed: none skipped, none failed
-        assert re.match(r"\d+ passed(, \d+ warnings?)? in ", summary), summary
+        run_in_triton_interpreter(__file__, "not interpreter", r"\d+ passed(, \d+ warnings?)? in ")
 
 
 @pytest.fixture(scope="module")
