@@ -19,6 +19,15 @@ def metrics_summary(llm) -> dict:
     for m in llm.get_metrics():
         if m.name.startswith(("vllm:spec_decode", "vllm:num_preemptions", "vllm:prefix_cache")):
             out[m.name] = getattr(m, "values", None) or getattr(m, "value", None)
+        elif m.name.startswith("vllm:dspark_") or m.name == "vllm:iteration_tokens_total":
+            # The plugin's metrics (vllm_dspark/engine/metrics.py), keyed by name and their
+            # own label (decision, position): "name{label=value}"; histograms as dicts.
+            own = [f"{k}={v}" for k, v in m.labels.items() if k not in ("model_name", "engine")]
+            key = m.name + ("{" + ",".join(own) + "}" if own else "")
+            if hasattr(m, "buckets"):
+                out[key] = {"count": m.count, "sum": m.sum, "buckets": m.buckets}
+            else:
+                out[key] = m.value
     return out
 
 
