@@ -43,8 +43,8 @@ class Server:
             cmd += ["--speculative-config", json.dumps(spec)]
         # Full-γ verification: "drafting really happened" must not hinge on a
         # machine-timed SPS profile (the default causal scheduler may verify none).
-        env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_DSPARK_SCHEDULER="fixed",
-                   **(env or {}))
+        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_DSPARK_SCHEDULER": "fixed",
+               **(env or {})}
         self.log = open(log_path, "w")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env,
                                      start_new_session=True)
