@@ -7,19 +7,26 @@ default from the target itself, Magpie-style: the chat template is rendered up
 to the start of a user turn and the instruct model writes the user message.
 A topic hint in the system message of that pre-query spreads the prompts over
 chat, math, code and writing; the answer is then generated for the user
-message alone (default system prompt), as at serving time.
+message alone (default system prompt), as at serving time. Prompts of the
+evaluation sets are never kept.
 
-Output: ``data.jsonl`` with ``prompt``, ``prompt_ids`` (the chat-templated
-prompt) and ``answer_ids`` (the target's answer, with its EOS when it
-stopped), plus ``data.meta.json`` recording the recipe.
+Output: a directory of compressed parts ``data-00000.jsonl.gz`` ... (rows with
+``prompt``, ``topic``, ``prompt_ids`` (the chat-templated prompt) and ``answer_ids``
+(the target's answer, with its EOS when it stopped)), ``--part-rows`` prompts per
+part, each file under 15 MB, plus ``data.meta.json`` (counts, recipe, seed, the
+excluded evaluation prompts); ``vllm_dspark.train.dataset`` describes the format.
+Generation is resumable: a rerun with the same recipe skips the parts already
+written, and a larger ``--num-samples`` adds parts.
 
-Run as ``python -m vllm_dspark.train.data`` (one process per vLLM engine).
+Run as ``python -m vllm_dspark.train.data`` (one process per vLLM engine). It leaves
+without waiting for the engine's shutdown once the data is written
+(``vllm_dspark.train.proc``).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import hashlib
 import os
 import random
 import sys
@@ -67,93 +74,222 @@ def magpie_prefix(tokenizer, system: str | None) -> str:
     return text[: text.index(SENTINEL)]
 
 
-def generate(args: argparse.Namespace) -> None:
+def excluded_info(directory: str | None) -> tuple[set[str], dict]:
+    """The evaluation prompts never trained on, and what the meta records of them:
+    where they came from, how many per file, and a digest of the whole set."""
+    skip = excluded_prompts(directory)
+    where = default_prompt_dir() if directory is None else directory
+    files = {}
+    if where.lower() != "none" and os.path.isdir(where):
+        for name in sorted(os.listdir(where)):
+            if name.endswith(".jsonl"):
+                files[name] = len(read_prompts(os.path.join(where, name)))
+    digest = hashlib.sha256("\n".join(sorted(skip)).encode()).hexdigest()
+    return skip, {"dir": os.path.abspath(where) if files else where, "files": files,
+                  "prompts": len(skip), "sha256": digest}
+
+
+def _sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def recipe_of(args: argparse.Namespace, excluded_sha256: str) -> dict:
+    """What fixes the rows of every part: a rerun that resumes must match it."""
+    return {
+        "target_config_sha256": _sha256(os.path.join(args.target, "config.json")),
+        "source": "prompts file" if args.prompts else "magpie",
+        "prompts_sha256": _sha256(args.prompts) if args.prompts else None,
+        "magpie_topics": None if args.prompts else [list(t) for t in MAGPIE_TOPICS],
+        "seed": args.seed, "part_rows": args.part_rows, "max_len": args.max_len,
+        "max_prompt_tokens": args.max_prompt_tokens,
+        "max_answer_tokens": args.max_answer_tokens,
+        "answer_temperature": args.answer_temperature, "answer_top_p": args.answer_top_p,
+        "excluded_sha256": excluded_sha256,
+    }
+
+
+def _magpie_prompts(llm, tok, args, index: int, want: int, skip: set[str], seen: set[str],
+                    stop_ids) -> tuple[list[str], list[str], int]:
+    """Up to ``want`` distinct Magpie prompts for part ``index``. Its candidates are the
+    requests ``index*W ..`` (W per part, fixed by part_rows), each with its own seed and
+    topic, so a part's prompts do not depend on which parts one process generates."""
+    from vllm import SamplingParams
+
+    width = int(args.part_rows * 1.3) + 8
+    ids = range(index * width, index * width + int(want * 1.3) + 8)
+    picks = [MAGPIE_TOPICS[random.Random(args.seed * 1_000_003 + i).randrange(
+        len(MAGPIE_TOPICS))] for i in ids]
+    pre = [magpie_prefix(tok, system) for _, system in picks]
+    params = [SamplingParams(temperature=1.0, top_p=0.99, max_tokens=args.max_prompt_tokens,
+                             seed=args.seed * 1_000_003 + i, stop_token_ids=stop_ids)
+              for i in ids]
+    outs = llm.generate(pre, params, use_tqdm=True)
+    prompts, topics, dropped = [], [], 0
+    for (topic, _), o in zip(picks, outs):
+        text = o.outputs[0].text.strip()
+        if text in skip:
+            dropped += 1
+            continue
+        if len(text) < 12 or o.outputs[0].finish_reason != "stop" or text in seen:
+            continue
+        seen.add(text)
+        prompts.append(text)
+        topics.append(topic)
+        if len(prompts) == want:
+            break
+    return prompts, topics, dropped
+
+
+def generate(args: argparse.Namespace) -> dict:
+    """Write the parts of ``args.out`` that are missing (module doc); returns the meta."""
+    from vllm_dspark.train import dataset as ds
+
+    out = args.out
+    if os.path.isfile(out):
+        raise ds.DataError(f"--out {out!r} is a file; the generator writes a directory of "
+                           "parts (data-00000.jsonl.gz ...): pass a directory.")
+    os.makedirs(out, exist_ok=True)
+    skip, excluded = excluded_info(args.exclude_prompts)
+    recipe = recipe_of(args, excluded["sha256"])
+    meta, done = ds.read_meta(out), ds.complete_parts(out)
+    if meta is None and done:
+        raise ds.DataError(f"{out} holds parts but no {ds.META_NAME}: their recipe is "
+                           f"unknown. Carry {ds.META_NAME} with the parts, or use a new "
+                           "directory.")
+    if meta is not None and meta.get("recipe") != recipe:
+        old = meta.get("recipe") or {}
+        diff = sorted(k for k in recipe if old.get(k) != recipe[k])
+        raise ds.DataError(f"{out} was generated with another recipe (differs in: "
+                           f"{', '.join(diff)}); use a new directory, or the same options.")
+    # The plan only grows: a smaller --num-samples than an earlier run's keeps every part.
+    num_samples = max(args.num_samples, (meta or {}).get("num_samples", 0))
+    num_parts = -(-num_samples // args.part_rows)
+
+    def planned(k: int) -> int:  # prompts part k asks for (the last part may be short)
+        return min(args.part_rows, num_samples - k * args.part_rows)
+
+    # A part written as a short last part is redone when the plan has grown past it.
+    short = {p["index"] for p in (meta or {}).get("parts", [])
+             if p.get("planned", args.part_rows) < planned(p["index"])}
+    done -= short
+    if meta is not None:  # a part renamed into place whose meta entry was never written
+        done &= {p["index"] for p in meta.get("parts", [])}
+    todo = [k for k in range(num_parts) if k not in done]
+    if meta is None:
+        meta = {"format": "vllm-dspark training data, parts v1", "recipe": recipe,
+                "excluded": excluded, "parts": []}
+    meta["parts"] = [p for p in meta["parts"] if p["index"] in done]
+    meta.update(target=os.path.abspath(args.target), num_samples=num_samples,
+                num_parts=num_parts, source=recipe["source"], prompts=args.prompts)
+    _finish_meta(meta, done, num_parts)
+    if not todo:
+        ds.write_meta(out, meta)
+        print(f"data complete: {meta['num_rows']} rows in {out} (nothing to generate)",
+              flush=True)
+        return meta
     from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams
 
-    rng = random.Random(args.seed)
     tok = AutoTokenizer.from_pretrained(args.target)
     stop_ids = [tok.eos_token_id] if tok.eos_token_id is not None else None
+    kw = {"max_num_seqs": args.max_num_seqs} if args.max_num_seqs else {}
+    t_start = time.time()
     llm = LLM(
         args.target, dtype=args.dtype, seed=args.seed, max_model_len=args.max_len,
         enforce_eager=args.enforce_eager, gpu_memory_utilization=args.gpu_memory_utilization,
+        **kw,
     )
-    t0 = time.time()
-    skip = excluded_prompts(args.exclude_prompts)
+    meta.setdefault("runs", []).append({
+        "parts": todo, "engine_start_s": round(time.time() - t_start, 1), "dtype": args.dtype,
+        "max_num_seqs": args.max_num_seqs, "machine": _machine()})
+    file_prompts = None
     if args.prompts:
-        prompts = [p for p in read_prompts(args.prompts) if p.strip() not in skip]
-        rng.shuffle(prompts)
-        prompts = prompts[: args.num_samples]
-        topics = ["file"] * len(prompts)
-    else:
-        # Magpie: over-generate, then keep distinct, non-trivial user turns.
-        want = int(args.num_samples * 1.3) + 8
-        picks = [rng.choice(MAGPIE_TOPICS) for _ in range(want)]
-        pre = [magpie_prefix(tok, system) for _, system in picks]
-        params = [SamplingParams(temperature=1.0, top_p=0.99, max_tokens=args.max_prompt_tokens,
-                                 seed=args.seed * 1_000_003 + i, stop_token_ids=stop_ids)
-                  for i in range(want)]
-        outs = llm.generate(pre, params, use_tqdm=True)
-        seen, prompts, topics = set(), [], []
-        for (topic, _), o in zip(picks, outs):
-            text = o.outputs[0].text.strip()
-            if (len(text) < 12 or o.outputs[0].finish_reason != "stop" or text in seen
-                    or text in skip):
-                continue
-            seen.add(text)
-            prompts.append(text)
-            topics.append(topic)
-        prompts, topics = prompts[: args.num_samples], topics[: args.num_samples]
-    prompt_ids = [chat_prompt_ids(tok, p) for p in prompts]
-    keep = [i for i, ids in enumerate(prompt_ids) if len(ids) < args.max_len // 2]
-    params = SamplingParams(
+        every = read_prompts(args.prompts)
+        file_prompts = [p for p in every if p.strip() not in skip]
+        meta["excluded"]["dropped_from_prompts_file"] = len(every) - len(file_prompts)
+        random.Random(args.seed).shuffle(file_prompts)
+        file_prompts = file_prompts[:num_samples]
+    seen: set[str] = set()  # Magpie prompts stay distinct across parts
+    for path in ds.data_files(out) if done else []:
+        seen.update(r["prompt"] for r in ds.iter_records(path))
+    answer_params = SamplingParams(
         temperature=args.answer_temperature, top_p=args.answer_top_p,
         max_tokens=args.max_answer_tokens, seed=args.seed, stop_token_ids=stop_ids,
     )
-    outs = llm.generate([{"prompt_token_ids": prompt_ids[i]} for i in keep], params,
-                        use_tqdm=True)
-    n_tokens = 0
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as f:
+    for k in todo:
+        t0 = time.time()
+        ds.remove_part(out, k)
+        want = planned(k)
+        dropped = 0
+        if file_prompts is not None:
+            prompts = file_prompts[k * args.part_rows: k * args.part_rows + want]
+            topics = ["file"] * len(prompts)
+        else:
+            prompts, topics, dropped = _magpie_prompts(llm, tok, args, k, want, skip, seen,
+                                                       stop_ids)
+        prompt_ids = [chat_prompt_ids(tok, p) for p in prompts]
+        keep = [i for i, ids in enumerate(prompt_ids) if len(ids) < args.max_len // 2]
+        outs = llm.generate([{"prompt_token_ids": prompt_ids[i]} for i in keep],
+                            answer_params, use_tqdm=True) if keep else []
+        writer = ds.PartWriter(out, k, args.max_part_bytes)
+        n_tokens = 0
         for i, o in zip(keep, outs):
             answer = list(o.outputs[0].token_ids)
             if len(answer) < 2:
                 continue
             n_tokens += len(answer)
-            f.write(json.dumps({"prompt": prompts[i], "topic": topics[i],
-                                "prompt_ids": prompt_ids[i], "answer_ids": answer}) + "\n")
-    os.replace(tmp, args.out)
-    meta = {k: v for k, v in vars(args).items()}
-    meta.update(num_rows=len(keep), answer_tokens=n_tokens, seconds=round(time.time() - t0, 1),
-                source="prompts file" if args.prompts else "magpie")
-    with open(meta_path(args.out), "w") as f:
-        json.dump(meta, f, indent=2)
-    print(f"wrote {len(keep)} rows, {n_tokens} answer tokens to {args.out} "
-          f"in {time.time() - t0:.0f}s")
+            writer.write({"prompt": prompts[i], "topic": topics[i],
+                          "prompt_ids": prompt_ids[i], "answer_ids": answer})
+        files = writer.close()
+        meta["parts"] = [p for p in meta["parts"] if p["index"] != k] + [{
+            "index": k, "planned": want, "rows": writer.rows, "answer_tokens": n_tokens,
+            "files": files,
+            "excluded_dropped": dropped, "seconds": round(time.time() - t0, 1)}]
+        done.add(k)
+        _finish_meta(meta, done, num_parts)
+        ds.write_meta(out, meta)
+        print(f"part {k + 1}/{num_parts}: {writer.rows} rows, {n_tokens} answer tokens, "
+              f"{sum(f['bytes'] for f in files) / 1e6:.1f} MB in {time.time() - t0:.0f}s "
+              f"({', '.join(f['file'] for f in files)})", flush=True)
+    print(f"wrote {meta['num_rows']} rows, {meta['answer_tokens']} answer tokens to {out} "
+          f"in {time.time() - t_start:.0f}s", flush=True)
+    return meta
 
 
-def meta_path(data_path: str) -> str:
-    return os.path.splitext(data_path)[0] + ".meta.json"
+def _finish_meta(meta: dict, done: set[int], num_parts: int) -> None:
+    meta["parts"].sort(key=lambda p: p["index"])
+    meta["num_rows"] = sum(p["rows"] for p in meta["parts"])
+    meta["answer_tokens"] = sum(p["answer_tokens"] for p in meta["parts"])
+    meta["seconds"] = round(sum(p["seconds"] for p in meta["parts"]), 1)
+    meta["excluded"]["dropped"] = sum(p.get("excluded_dropped", 0) for p in meta["parts"])
+    meta["complete"] = set(range(num_parts)) <= done
 
 
-def load_rows(path: str) -> list[tuple[list[int], list[int]]]:
-    rows = []
-    with open(path) as f:
-        for line in f:
-            if line.strip():
-                r = json.loads(line)
-                rows.append((r["prompt_ids"], r["answer_ids"]))
-    if not rows:
-        raise ValueError(f"{path} holds no training rows; regenerate it (delete the file).")
-    return rows
+def _machine() -> dict:
+    import platform
+
+    import torch
+
+    return {"platform": platform.platform(), "torch": torch.__version__,
+            "device": (torch.cuda.get_device_name() if torch.cuda.is_available()
+                       else platform.processor() or "cpu")}
 
 
 def add_generation_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data (answers regenerated by the target through vLLM)")
     g.add_argument("--prompts", help="prompt jsonl ({'turns': [...]}); default: Magpie prompts "
                    "written by the target itself")
-    g.add_argument("--num-samples", type=int, default=4000, help="training rows to write")
+    g.add_argument("--num-samples", type=int, default=4000,
+                   help="prompts to answer (Magpie: distinct prompts; rows written can be "
+                   "a few fewer)")
+    g.add_argument("--part-rows", type=int, default=10000,
+                   help="prompts per part: the unit that a rerun skips (10 k SmolLM2 rows "
+                   "are ~4 MB compressed)")
+    g.add_argument("--max-part-bytes", type=int, default=15_000_000,
+                   help="largest data file; a bigger part continues in data-NNNNN.1.jsonl.gz")
+    g.add_argument("--max-num-seqs", type=int, default=None,
+                   help="vLLM max_num_seqs while generating (default: vLLM's)")
     g.add_argument("--exclude-prompts", default=None, metavar="DIR",
                    help="directory of evaluation *.jsonl whose prompts are never trained on "
                    "(default: $VLLM_DSPARK_PROMPT_DIR, else the reference sets shipped in the "
@@ -175,13 +311,29 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="Generate DSpark training data with vLLM.",
                                 formatter_class=HelpFormatter)
     p.add_argument("--target", required=True, help="HF directory of the target model")
-    p.add_argument("--out", required=True, help="the data jsonl to write")
+    p.add_argument("--out", required=True, help="the data directory to write (parts)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     add_dtype_argument(p, "vLLM dtype; auto = the model's")
     p.add_argument("--max-len", type=int, default=1024, help="vLLM max_model_len")
     p.add_argument("--enforce-eager", action="store_true", help="vLLM enforce_eager")
     add_generation_arguments(p)
-    generate(p.parse_args(argv))
+    args = p.parse_args(argv)
+    from vllm_dspark.train.dataset import DataError
+    from vllm_dspark.train.proc import exit_now
+
+    code = 0
+    try:
+        generate(args)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        code = 2
+    except BaseException:  # noqa: BLE001 - reported, then the same prompt exit
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    # Never wait on the engine's shutdown (it can hang after the work is done).
+    exit_now(code, "vllm-dspark data")
 
 
 if __name__ == "__main__":

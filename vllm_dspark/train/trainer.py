@@ -9,9 +9,18 @@ the target's embedding and LM head, frozen; everything else trains.
 
 State (weights, optimizer, step, data cursor, RNG, loss history) is saved to
 ``<out>/train_state.pt`` every ``save_every`` steps and when the time budget
-runs out, so rerunning the same command resumes. The exported checkpoint
+runs out, so rerunning the same command resumes exactly. The exported checkpoint
 (config.json + model.safetensors, DeepSpec names, no embedding/LM-head copies)
 is rewritten at every save; ``training.json`` says whether training finished.
+
+Across machines only the export travels (train_state.pt holds fp32 weights and
+AdamW's two moments: 135 MB for the SmolLM2 drafter, over what a lent GPU machine
+returns). Without a train_state.pt, a rerun *warm-restarts* from ``config.json`` +
+``model.safetensors`` (bf16) + ``training.json``: the bf16 weights become the fp32
+master weights, AdamW starts afresh (β2 = 0.95 rebuilds its second moment within a
+few tens of steps) and the learning rate ramps back up over ``rewarmup`` steps; the
+step, the schedule, the data order (epoch and cursor follow from step × batch) and
+the loss history continue. ``training.json`` lists the restarts.
 """
 
 from __future__ import annotations
@@ -31,7 +40,7 @@ from vllm_dspark.config import DSparkConfig
 from vllm_dspark.model.drafter import DSparkDrafter, target_features
 from vllm_dspark.prompts import token_ids
 from vllm_dspark.train.blocks import build_blocks, sample_anchors
-from vllm_dspark.train.data import load_rows
+from vllm_dspark.train.dataset import describe, load_rows
 from vllm_dspark.train.objective import LossWeights, block_loss, expected_greedy_tau
 
 STATE_NAME = "train_state.pt"
@@ -52,12 +61,14 @@ class TrainConfig:
     markov_head_type: str = "vanilla"
     confidence: bool = True
     mask_token_id: int | None = None  # None: chosen from the tokenizer
-    steps: int = 2000
+    steps: int | None = 2000  # None: from epochs
+    epochs: float | None = None  # passes over the training rows (sets steps)
     batch_size: int = 8
     anchors: int = 128
     max_len: int = 1024
     lr: float = 1e-3
     warmup: int = 100
+    rewarmup: int = 10  # LR ramp after a warm restart (fresh optimizer)
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     seed: int = 0
@@ -66,6 +77,7 @@ class TrainConfig:
     save_every: int = 250
     log_every: int = 10
     max_minutes: float | None = None
+    pause_at: int | None = None  # stop (unfinished) at this step of the schedule
     val_fraction: float = 0.02
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     loss_weights: LossWeights = field(default_factory=LossWeights)
@@ -137,12 +149,18 @@ class Trainer:
         self.opt = torch.optim.AdamW(self.trainable, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                      betas=(0.9, 0.95), fused=fused)
         rows = load_rows(cfg.data)
+        self.data_info = describe(cfg.data)
+        self.data_rows = len(rows)
         g = torch.Generator().manual_seed(cfg.seed)
         order = torch.randperm(len(rows), generator=g).tolist()
         n_val = max(1, int(len(rows) * cfg.val_fraction)) if len(rows) > 1 else 0
         self.val_rows = [rows[i] for i in order[:n_val]]
         self.train_rows = [rows[i] for i in order[n_val:]] or rows
+        if cfg.epochs is not None:
+            cfg.steps = max(1, math.ceil(cfg.epochs * len(self.train_rows) / cfg.batch_size))
+        cfg.warmup = min(cfg.warmup, cfg.steps)
         self.step = 0
+        self.restarts: list[dict] = []
         self.epoch, self.cursor = 0, 0
         self.history: list[dict] = []
         self.val_history: list[dict] = []
@@ -170,11 +188,11 @@ class Trainer:
     # ---------------------------------------------------------------- data
     def _collate(self, rows):
         cfg = self.cfg
-        seqs = [(p + a)[: cfg.max_len] for p, a in rows]
+        seqs = [(p + a)[: cfg.max_len] for p, a in rows]  # int32 arrays (dataset.load_rows)
         s = max(len(x) for x in seqs)
         ids = torch.zeros(len(seqs), s, dtype=torch.long)
         for i, x in enumerate(seqs):
-            ids[i, : len(x)] = torch.tensor(x)
+            ids[i, : len(x)] = torch.tensor(x, dtype=torch.long)
         lengths = torch.tensor([len(x) for x in seqs])
         prompt_lens = torch.tensor([min(len(p), cfg.max_len) for p, _ in rows])
         return ids, lengths, prompt_lens
@@ -222,11 +240,18 @@ class Trainer:
                               blocks.label_valid, cfg.loss_weights)
 
     def _lr(self, step: int) -> float:
+        """Linear warm-up, cosine to 10 %; after a warm restart, a linear ramp over
+        ``rewarmup`` steps on top (the fresh optimizer's first steps)."""
         cfg = self.cfg
         if step < cfg.warmup:
-            return cfg.lr * (step + 1) / cfg.warmup
-        t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-        return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
+            lr = cfg.lr * (step + 1) / cfg.warmup
+        else:
+            t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+            lr = cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
+        warm = [r["step"] for r in self.restarts if r["kind"] == "warm"]
+        if warm and cfg.rewarmup > 0 and step - warm[-1] < cfg.rewarmup:
+            lr *= (step - warm[-1] + 1) / cfg.rewarmup
+        return lr
 
     @torch.no_grad()
     def validate(self) -> dict:
@@ -257,12 +282,16 @@ class Trainer:
         if not self.val_history:
             self.val_history.append(self.validate())
         start = last_save = time.time()
-        bar = tqdm(total=cfg.steps, initial=self.step, desc="train", dynamic_ncols=True,
-                   disable=None)
+        # Always shown, on stderr; in a log file (a background GPU run) every 30 s.
+        tty = sys.stderr.isatty()
+        bar = tqdm(total=cfg.steps, initial=self.step, desc="train", dynamic_ncols=tty,
+                   mininterval=0.1 if tty else 30.0, file=sys.stderr, unit="step")
         self.drafter.train()
+        run_start_step, paused = self.step, 0.0  # paused: validation and saving
         finished = True
         while self.step < cfg.steps:
-            if cfg.max_minutes is not None and time.time() - start > 60 * cfg.max_minutes:
+            if ((cfg.max_minutes is not None and time.time() - start > 60 * cfg.max_minutes)
+                    or (cfg.pause_at is not None and self.step >= cfg.pause_at)):
                 finished = False
                 break
             lr = self._lr(self.step)
@@ -279,36 +308,113 @@ class Trainer:
                            grad_norm=float(gnorm), top1=res.top1,
                            tau_greedy_est=expected_greedy_tau(res.top1), **res.parts)
                 self.history.append(rec)
-                bar.set_postfix(loss=f"{rec['loss']:.3f}", tau=f"{rec['tau_greedy_est']:.2f}")
+                rate = (self.step - run_start_step) * cfg.batch_size / max(
+                    time.time() - start - paused, 1e-6)
+                bar.set_postfix(loss=f"{rec['loss']:.3f}", tau=f"{rec['tau_greedy_est']:.2f}",
+                                seq_s=f"{rate:.0f}", refresh=False)
             bar.update(1)
             if self.step % cfg.save_every == 0 and self.step < cfg.steps:
+                t = time.time()
                 self.val_history.append(self.validate())
+                self._note_throughput(run_start_step, t - start - paused)
                 self.save(time.time() - last_save, finished=False)
                 last_save = time.time()
+                paused += last_save - t
         bar.close()
+        self._note_throughput(run_start_step, time.time() - start - paused)
         if finished or not self.val_history or self.val_history[-1].get("step") != self.step:
             self.val_history.append(self.validate())
         self.save(time.time() - last_save, finished=finished)
         return finished
 
+    def _note_throughput(self, since_step: int, seconds: float) -> None:
+        """This run's training speed (validation and saving excluded) for the report."""
+        steps = self.step - since_step
+        if steps <= 0 or seconds <= 0:
+            return
+        self.throughput = dict(
+            steps=steps, seconds=round(seconds, 1), steps_per_s=round(steps / seconds, 3),
+            sequences_per_s=round(steps * self.cfg.batch_size / seconds, 1),
+            peak_memory_gb=(round(torch.cuda.max_memory_allocated() / 2**30, 2)
+                            if self.device.type == "cuda" else None))
+
     # ---------------------------------------------------------------- state
     def resume(self) -> None:
+        """Exact resume from train_state.pt; else a warm restart from the export."""
         path = os.path.join(self.cfg.out, STATE_NAME)
         if not os.path.isfile(path):
+            self.warm_restart()
             return
         st = torch.load(path, map_location="cpu", weights_only=False)
         if st["draft_config"] != self.draft_config:
             raise ValueError(
                 f"{path} was written for another drafter configuration; use a new --out "
                 "directory or delete the state file to start over.")
+        self._check_data(st.get("data_rows"), path)
         self.drafter.load_state_dict(st["model"], strict=False)
         self.opt.load_state_dict(st["optimizer"])
         self.step, self.epoch, self.cursor = st["step"], st["epoch"], st["cursor"]
         self.history, self.val_history = st["history"], st["val_history"]
         self.seconds = st["seconds"]
+        self.restarts = st.get("restarts", [])
         self.anchor_gen.set_state(st["anchor_rng"])
         torch.set_rng_state(st["torch_rng"])
         print(f"resumed from {path} at step {self.step}", file=sys.stderr)
+
+    def _check_data(self, rows: int | None, where: str) -> None:
+        if rows is not None and rows != self.data_rows:
+            raise ValueError(
+                f"{where} was trained on {rows} data rows, --data {self.cfg.data!r} holds "
+                f"{self.data_rows}: the split and the data order would differ. Train on the "
+                "same data, or use a new --out directory.")
+
+    def warm_restart(self) -> bool:
+        """Continue from config.json + model.safetensors (bf16) + training.json: fp32 master
+        weights from the bf16 ones, a fresh AdamW, an LR ramp of ``rewarmup`` steps; step,
+        data order, histories and time carry on. False when there is nothing to restart."""
+        from safetensors.torch import load_file
+
+        from vllm_dspark.checkpoint import check_weights
+
+        out = self.cfg.out
+        report_path = os.path.join(out, REPORT_NAME)
+        weights = os.path.join(out, "model.safetensors")
+        if not (os.path.isfile(report_path) and os.path.isfile(weights)):
+            return False
+        with open(report_path) as f:
+            rep = json.load(f)
+        if not rep.get("step"):
+            return False
+        old = rep.get("draft_config")
+        if old is None:  # a report from before warm restarts: compare the config file
+            with open(os.path.join(out, "config.json")) as f:
+                old = json.load(f)
+            old.pop("dspark_sts_temperatures", None)
+        if old != json.loads(json.dumps(self.draft_config)):
+            raise ValueError(
+                f"{out} holds a drafter of another configuration; use a new --out directory, "
+                "or the options it was trained with (training.json: command).")
+        self._check_data(rep.get("data_rows"), report_path)
+        check_weights(out, DSparkConfig.from_dict(self.draft_config))
+        state = load_file(weights)
+        with torch.no_grad():
+            own = self.drafter.state_dict()
+            for k, v in state.items():
+                if k in own and k not in DSparkDrafter.SHARED_WITH_TARGET:
+                    own[k].copy_(v.to(own[k].dtype))
+        self.step = int(rep["step"])
+        self.epoch, self.cursor = divmod(self.step * self.cfg.batch_size, len(self.train_rows))
+        self.history = rep.get("history", [])
+        self.val_history = rep.get("validation", [])
+        self.seconds = float(rep.get("seconds", 0.0))
+        self.restarts = rep.get("restarts", []) + [dict(
+            step=self.step, kind="warm", source="bf16 model.safetensors", machine=_machine(
+                self.device))]
+        # A new anchor stream, fixed by the seed and the step (the old one did not travel).
+        self.anchor_gen.manual_seed(self.cfg.seed + 1 + 1_000_003 * self.step)
+        print(f"warm restart from {weights} (bf16) at step {self.step}: fresh optimizer, "
+              f"learning rate ramped over {self.cfg.rewarmup} steps", file=sys.stderr)
+        return True
 
     def save(self, elapsed: float, finished: bool) -> None:
         cfg = self.cfg
@@ -320,7 +426,8 @@ class Trainer:
                   epoch=self.epoch, cursor=self.cursor, history=self.history,
                   val_history=self.val_history, seconds=self.seconds,
                   anchor_rng=self.anchor_gen.get_state(), torch_rng=torch.get_rng_state(),
-                  draft_config=self.draft_config)
+                  draft_config=self.draft_config, data_rows=self.data_rows,
+                  restarts=self.restarts)
         tmp = os.path.join(cfg.out, STATE_NAME + ".tmp")
         torch.save(st, tmp)
         os.replace(tmp, os.path.join(cfg.out, STATE_NAME))
@@ -334,18 +441,28 @@ class Trainer:
     def write_report(self, finished: bool) -> None:
         cfg = self.cfg
         report = dict(
-            finished=finished, step=self.step, epochs=self.epoch, seconds=round(self.seconds, 1),
+            finished=finished, step=self.step, steps=cfg.steps, epochs=self.epoch,
+            sequences_seen=self.step * cfg.batch_size,
+            epochs_seen=round(self.step * cfg.batch_size / len(self.train_rows), 3),
+            seconds=round(self.seconds, 1),
             command=" ".join(["vllm-dspark", "train"] + sys.argv[2:]) if sys.argv else None,
             config={k: v for k, v in asdict(cfg).items()},
-            data=cfg.data, train_rows=len(self.train_rows), val_rows=len(self.val_rows),
-            machine=dict(platform=platform.platform(), torch=torch.__version__,
-                         device=(torch.cuda.get_device_name() if self.device.type == "cuda"
-                                 else platform.processor() or "cpu")),
+            draft_config=self.draft_config,
+            data=cfg.data, data_rows=self.data_rows, data_info=self.data_info,
+            train_rows=len(self.train_rows), val_rows=len(self.val_rows),
+            machine=_machine(self.device),
+            throughput=getattr(self, "throughput", None), restarts=self.restarts,
             history=self.history, validation=self.val_history,
         )
         with open(os.path.join(cfg.out, REPORT_NAME), "w") as f:
             json.dump(report, f, indent=1)
         plot_loss(report, os.path.join(cfg.out, "loss.png"))
+
+
+def _machine(device: torch.device) -> dict:
+    return dict(platform=platform.platform(), torch=torch.__version__,
+                device=(torch.cuda.get_device_name() if device.type == "cuda"
+                        else platform.processor() or "cpu"))
 
 
 def plot_loss(report: dict, path: str) -> None:
@@ -371,6 +488,34 @@ def plot_loss(report: dict, path: str) -> None:
     axes[0].legend(fontsize=7)
     axes[1].set_xlabel("step")
     axes[1].set_ylabel("teacher-forced greedy τ estimate (val)")
+    for r in report.get("restarts") or []:
+        for ax in axes:
+            ax.axvline(r["step"], color="grey", lw=0.8, ls=":")
+    if report.get("sequences_seen") is not None:
+        fig.suptitle(f"{report['step']} steps, {report['sequences_seen']} sequences "
+                     f"({report.get('epochs_seen', 0):g} epochs), "
+                     f"{report.get('seconds', 0) / 60:.1f} min"
+                     + (f"; {len(report['restarts'])} warm restart(s), dotted"
+                        if report.get("restarts") else ""), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m vllm_dspark.train.trainer TRAINING_JSON [PNG]``: draw a report's loss
+    curve again (a GPU image without matplotlib writes training.json only)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0].startswith("-"):
+        print(main.__doc__, file=sys.stderr)
+        return 2
+    with open(argv[0]) as f:
+        report = json.load(f)
+    out = argv[1] if len(argv) > 1 else os.path.join(os.path.dirname(argv[0]), "loss.png")
+    plot_loss(report, out)
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
