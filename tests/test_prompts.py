@@ -34,6 +34,8 @@ def test_names_resolve_in_the_package_by_default(monkeypatch, tmp_path):
         prompts.resolve_dataset("nope")
     with pytest.raises(EvalError, match="unknown dataset 'nope'"):
         eval_resolve("nope")
+    with pytest.raises(prompts.PromptFileError, match="prompt file 'x/gsm8k.jsonl' does not"):
+        prompts.resolve_dataset("x/gsm8k.jsonl")  # a path is never looked up as a name
 
 
 def test_the_environment_and_an_explicit_dir_override(monkeypatch, tmp_path):

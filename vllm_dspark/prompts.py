@@ -46,6 +46,9 @@ def resolve_dataset(spec: str, prompt_dir: str | None = None) -> tuple[str, str]
     if os.path.isfile(spec):
         name = os.path.basename(spec)
         return (name[: -len(".jsonl")] if name.endswith(".jsonl") else name), spec
+    if os.sep in spec or (os.altsep and os.altsep in spec):  # a path, not a name
+        raise PromptFileError(f"prompt file {spec!r} does not exist; pass a jsonl file with "
+                              "one {\"turns\": [\"...\"]} per line, or a dataset name.")
     name = spec[: -len(".jsonl")] if spec.endswith(".jsonl") else spec
     path = os.path.join(prompt_dir, name + ".jsonl")
     if os.path.isfile(path):
