@@ -79,6 +79,7 @@ class TrainConfig:
     max_minutes: float | None = None
     pause_at: int | None = None  # stop (unfinished) at this step of the schedule
     val_fraction: float = 0.02
+    max_val_rows: int = 512  # validation runs at every save: bounded for large data sets
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     loss_weights: LossWeights = field(default_factory=LossWeights)
 
@@ -153,7 +154,8 @@ class Trainer:
         self.data_rows = len(rows)
         g = torch.Generator().manual_seed(cfg.seed)
         order = torch.randperm(len(rows), generator=g).tolist()
-        n_val = max(1, int(len(rows) * cfg.val_fraction)) if len(rows) > 1 else 0
+        n_val = (min(cfg.max_val_rows, max(1, int(len(rows) * cfg.val_fraction)))
+                 if len(rows) > 1 else 0)
         self.val_rows = [rows[i] for i in order[:n_val]]
         self.train_rows = [rows[i] for i in order[n_val:]] or rows
         if cfg.epochs is not None:
