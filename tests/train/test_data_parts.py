@@ -215,6 +215,9 @@ def test_train_generates_only_what_is_missing(tmp_path):
     ds.write_meta(str(d), {"complete": True, "parts": []})
     assert not needs_generation(str(d), 50, 20)
     assert needs_generation(str(d), 70, 20)  # a fourth part is planned
+    ds.write_meta(str(d), {"complete": True, "num_samples": 50, "parts": []})
+    assert needs_generation(str(d), 60, 20)  # the short last part grows
+    assert not needs_generation(str(d), 40, 20)  # a smaller plan keeps what is there
     ds.write_meta(str(d), {"complete": False, "parts": []})
     assert needs_generation(str(d), 50, 20)
     f = tmp_path / "x.jsonl"

@@ -125,7 +125,8 @@ def needs_generation(data: str, num_samples: int, part_rows: int) -> bool:
             f.endswith((".jsonl", ".jsonl.gz")) for f in os.listdir(data)))
     want = -(-num_samples // part_rows)
     have = ds.complete_parts(data)
-    return not meta.get("complete") or not set(range(want)) <= have
+    return (not meta.get("complete") or meta.get("num_samples", num_samples) < num_samples
+            or not set(range(want)) <= have)
 
 
 def _is_pattern(s: str) -> bool:

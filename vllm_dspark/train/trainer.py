@@ -194,7 +194,7 @@ class Trainer:
         s = max(len(x) for x in seqs)
         ids = torch.zeros(len(seqs), s, dtype=torch.long)
         for i, x in enumerate(seqs):
-            ids[i, : len(x)] = torch.tensor(x, dtype=torch.long)
+            ids[i, : len(x)] = torch.frombuffer(x, dtype=torch.int32)
         lengths = torch.tensor([len(x) for x in seqs])
         prompt_lens = torch.tensor([min(len(p), cfg.max_len) for p, _ in rows])
         return ids, lengths, prompt_lens
