@@ -50,10 +50,13 @@ DATA=$P/data60k
 NSAMPLES=${NSAMPLES:-60000} PART_ROWS=${PART_ROWS:-10000}
 # The intended recipe (issue 16): the committed drafter's architecture (2 layers, vanilla
 # Markov head rank 32, confidence head: 22.5 MB bf16, under the 25 MB a committed drafter
-# may weigh), γ 7, 256 anchors × 32 sequences a step (≈ 8 k blocks, 57 k block tokens:
-# ~4× the committed pair's 2 k; the vocabulary-wide loss terms dominate memory, see
-# train_sizes.py --memory), lr 1e-3 with 200 warm-up steps, cosine to 10 %, over the 60 k
-# conversations for as many steps as 22 minutes hold at the probed speed.
+# may weigh), γ 7, 256 anchors × 32 sequences a step (≤ 8 k blocks, ≤ 57 k block tokens:
+# ~4× the committed pair's 2 k blocks). Memory, estimated: the vocabulary-wide loss terms
+# keep ~1.1 MiB per block token for the backward pass (train_sizes.py --memory 2 32 512,
+# fp32 on CPU), ≤ 60 GiB, plus ~9 GiB of the target's bf16 logits: under the H200's
+# 139 GiB; the probe prints the real peak (raise --batch-size if it is far below).
+# lr 1e-3 with 200 warm-up steps, cosine to 10 %, over the 60 k conversations for as
+# many steps as 22 minutes hold at the probed speed.
 RECIPE=${RECIPE:-"--gamma 7 --num-layers 2 --num-feature-layers 3 --markov-rank 32
   --markov-head-type vanilla --batch-size 32 --anchors 256 --max-len 1024 --lr 1e-3 --warmup 200
   --seed 0 --save-every 500"}
