@@ -72,3 +72,31 @@ def smollm2_target():
     from vllm_dspark.targets import build_smollm2
 
     return build_smollm2()
+
+
+@pytest.fixture(autouse=True)
+def _one_thread_for_tree_tests(request):
+    """tests/decode (tiny models, engine-free): one thread is faster than two on a shared
+    2-core box (no oversubscription with engine processes); restored after each test.
+    (Here, not in a tests/decode/conftest.py: a second conftest module would shadow this
+    one for every ``from conftest import ...``.)"""
+    if request.node.path.parent.name != "decode":
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def qwen3_target(models_dir):
+    """(path, HF model in float64) of a tiny random Qwen3: float64 so that a tree-masked
+    pass and a sequential one agree to 1e-9 and argmax ties cannot flip."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path = make_target(os.path.join(models_dir, "tree-qwen3"), "qwen3", seed=5)
+    return path, AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64).eval()
