@@ -74,21 +74,26 @@ def smollm2_target():
     return build_smollm2()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread_for_tree_tests(request):
-    """tests/decode (tiny models, engine-free): one thread is faster than two on a shared
-    2-core box (no oversubscription with engine processes); restored after each test.
-    (Here, not in a tests/decode/conftest.py: a second conftest module would shadow this
-    one for every ``from conftest import ...``.)"""
-    if request.node.path.parent.name != "decode":
-        yield
-        return
+@pytest.fixture
+def one_thread():
+    """Tiny models: one thread is faster than two on a shared 2-core box (no
+    oversubscription with engine processes); restored after the test."""
     import torch
 
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread_for_tree_tests(request):
+    """Every test in tests/decode runs ``one_thread``. (Here, not in a
+    tests/decode/conftest.py: a second conftest module would shadow this one for every
+    ``from conftest import ...``.)"""
+    if request.node.path.parent.name == "decode":
+        request.getfixturevalue("one_thread")
+    yield
 
 
 @pytest.fixture(scope="session")

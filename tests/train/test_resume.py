@@ -15,12 +15,8 @@ from vllm_dspark.train.trainer import STATE_NAME, Trainer, TrainConfig
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread beats two on a shared 2-core box (tests/decode does so too)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _tiny_models_on_one_thread(one_thread):
+    """tests/conftest.one_thread for every test here."""
 
 
 @pytest.fixture(scope="module")
