@@ -7,9 +7,9 @@ confidences of two steps back on the host and, on the device, admits the budget'
 globally best current drafts (survival top-K), rewriting the batch's query layout
 without a host synchronisation. We keep all of that and replace one decision: the
 budget K (``vllm_dspark.schedule.budget``), with Algorithm 1's causal stop
-(``VLLM_DSPARK_SCHEDULER=causal``, the default with a confidence head) or §5.2's
-global argmax (``async``, upstream's rule). The confidences it reads are ours:
-STS-calibrated, from the plugin's speculator.
+(``VLLM_DSPARK_SCHEDULER=causal``) or §5.2's global argmax (``async``, upstream's
+rule). Opt-in: unset, the V2 runner verifies all γ (engine/v2/patches.py says why).
+The confidences it reads are ours: STS-calibrated, from the plugin's speculator.
 """
 
 from __future__ import annotations
