@@ -226,3 +226,64 @@ def test_train_generates_only_what_is_missing(tmp_path):
     assert not needs_generation(str(tmp_path / "data" / "*.jsonl.gz"), 50, 20)
     with pytest.raises(SystemExit, match="does not exist"):
         needs_generation(str(tmp_path / "missing.jsonl.gz"), 50, 20)
+
+
+def test_shards_write_every_part_once_and_a_lost_part_stays_missing(targets, tmp_path,
+                                                                     fake_vllm, evalset):
+    out = tmp_path / "data"
+    first = generate(_args(targets["qwen3"], out, evalset, shard=(0, 2)))
+    assert [p["index"] for p in first["parts"]] == [0, 2] and not first["complete"]
+    meta = generate(_args(targets["qwen3"], out, evalset, shard=(1, 2)))
+    assert [p["index"] for p in meta["parts"]] == [0, 1, 2] and meta["complete"]
+    assert [r["shard"] for r in meta["runs"]] == ["0/2", "1/2"]
+    assert meta["num_rows"] == 50 and len(ds.load_rows(str(out))) <= 50
+    assert ds.read_meta(str(out)) == meta
+
+    # Part 1 is lost: shard 0 has nothing to do, and its meta must not call part 1 done
+    # from the stale entry on disk; shard 1 then regenerates it.
+    os.remove(out / "data-00001.jsonl.gz")
+    meta = generate(_args(targets["qwen3"], out, evalset, shard=(0, 2)))
+    assert not meta["complete"] and [p["index"] for p in meta["parts"]] == [0, 2]
+    fake_vllm.answered = 0
+    meta = generate(_args(targets["qwen3"], out, evalset, shard=(1, 2)))
+    assert meta["complete"] and fake_vllm.answered == 20
+
+
+def test_load_rows_counts_a_repeated_prompt_once(tmp_path):
+    w = ds.PartWriter(str(tmp_path), 0)
+    for answer in ([1, 2], [3, 4]):
+        w.write({"prompt": "p", "topic": "t", "prompt_ids": [5, 6], "answer_ids": answer})
+    w.write({"prompt": "q", "topic": "t", "prompt_ids": [7], "answer_ids": [8, 9]})
+    w.close()
+    rows = ds.load_rows(str(tmp_path))
+    assert [list(a) for _, a in rows] == [[1, 2], [8, 9]]
+
+
+def test_train_data_shards_start_one_generator_each_with_its_share(targets, tmp_path,
+                                                                   fake_vllm, evalset,
+                                                                   monkeypatch):
+    """`train --data-shards 2`: two generator processes, each `--shard i/2` and half the
+    memory; together they write the whole plan (run here in-process, fake vLLM)."""
+    from vllm_dspark.train import cli, data, proc
+
+    seen = []
+
+    def fake_run(cmd, done, **kw):
+        argv = cmd[cmd.index("vllm_dspark.train.data") + 1:]
+        seen.append(argv)
+        data.generate(data.parse_args(argv))
+        return 0
+
+    monkeypatch.setattr(proc, "run_until_done", fake_run)
+    out = tmp_path / "run"
+    args = argparse.Namespace(
+        target=targets["qwen3"], num_samples=50, part_rows=20, seed=0, max_len=256,
+        max_part_bytes=ds.MAX_PART_BYTES, max_prompt_tokens=32, max_answer_tokens=16,
+        answer_temperature=0.0, answer_top_p=1.0, gpu_memory_utilization=0.5,
+        max_num_seqs=None, prompts=None, exclude_prompts=str(evalset), enforce_eager=False,
+        data_shards=2)
+    cli.generate_data(args, str(out))
+    assert sorted(a[a.index("--shard") + 1] for a in seen) == ["0/2", "1/2"]
+    assert all(a[a.index("--gpu-memory-utilization") + 1] == "0.2500" for a in seen)
+    meta = ds.read_meta(str(out))
+    assert meta["complete"] and [p["index"] for p in meta["parts"]] == [0, 1, 2]

@@ -15,6 +15,7 @@ generated). Stage 2 trains; rerunning the same command resumes from
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import os
 import sys
 import time
@@ -78,6 +79,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--device", default=None,
                    help="torch device (default: cuda when available, else cpu)")
     t.add_argument("--generate-only", action="store_true", help="stop after writing the data")
+    t.add_argument("--data-shards", type=int, default=1, metavar="N",
+                   help="generate the data with N vLLM engines side by side (each its share "
+                   "of --gpu-memory-utilization and every N-th part): a small target keeps "
+                   "one engine host-bound")
     t.add_argument("--enforce-eager", action="store_true", help="vLLM option for generation")
     add_generation_arguments(p)
 
@@ -93,7 +98,7 @@ def _check(args: argparse.Namespace) -> None:
     if args.epochs is not None and args.epochs <= 0:
         raise SystemExit("error: --epochs must be > 0.")
     require_positive(args, "gamma", "num_layers", "batch_size", "anchors", "num_samples",
-                     "part_rows", *(["steps"] if args.steps is not None else []))
+                     "part_rows", "data_shards", *(["steps"] if args.steps is not None else []))
     if args.markov_rank < 0:
         raise SystemExit("error: --markov-rank must be >= 0 (0 = no sequential head).")
     if args.prompts and not os.path.isfile(args.prompts):
@@ -148,7 +153,6 @@ def generate_data(args: argparse.Namespace, data: str) -> None:
            "--max-answer-tokens", str(args.max_answer_tokens),
            "--answer-temperature", str(args.answer_temperature),
            "--answer-top-p", str(args.answer_top_p),
-           "--gpu-memory-utilization", str(args.gpu_memory_utilization),
            "--dtype", engine_dtype("auto")]
     if args.max_num_seqs:
         cmd += ["--max-num-seqs", str(args.max_num_seqs)]
@@ -158,14 +162,22 @@ def generate_data(args: argparse.Namespace, data: str) -> None:
         cmd += ["--exclude-prompts", args.exclude_prompts]
     if args.enforce_eager:
         cmd.append("--enforce-eager")
-    print("generating training data:", " ".join(cmd), file=sys.stderr, flush=True)
+    n = args.data_shards
+    # n engines side by side on one device, each with its share of the memory.
+    cmds = [cmd + ["--gpu-memory-utilization", f"{args.gpu_memory_utilization / n:.4f}"]
+            + (["--shard", f"{i}/{n}"] if n > 1 else []) for i in range(n)]
+    for c in cmds:
+        print("generating training data:", " ".join(c), file=sys.stderr, flush=True)
 
     def complete() -> bool:
         return not needs_generation(data, args.num_samples, args.part_rows)
 
     grace = float(os.environ.get("VLLM_DSPARK_DATA_EXIT_GRACE_S", "60"))
-    rc = run_until_done(cmd, complete, grace_s=grace, env=engine_env(),  # CPU: sized KV
-                        what="vllm-dspark data")
+    with concurrent.futures.ThreadPoolExecutor(n) as pool:
+        codes = list(pool.map(lambda c: run_until_done(
+            c, complete, grace_s=grace, env=engine_env(),  # CPU: sized KV
+            what="vllm-dspark data"), cmds))
+    rc = next((c for c in codes if c != 0), 0)
     if rc != 0 or not complete():
         raise SystemExit(f"error: data generation failed (exit status {rc}); rerun the same "
                          f"command to resume it (the parts in {data} are kept).")

@@ -152,6 +152,7 @@ def generate(args: argparse.Namespace) -> dict:
     os.makedirs(out, exist_ok=True)
     skip, excluded = excluded_info(args.exclude_prompts)
     recipe = recipe_of(args, excluded["sha256"])
+    started = time.time()
     meta, done = ds.read_meta(out), ds.complete_parts(out)
     if meta is None and done:
         raise ds.DataError(f"{out} holds parts but no {ds.META_NAME}: their recipe is "
@@ -175,18 +176,21 @@ def generate(args: argparse.Namespace) -> dict:
     done -= short
     if meta is not None:  # a part renamed into place whose meta entry was never written
         done &= {p["index"] for p in meta.get("parts", [])}
-    todo = [k for k in range(num_parts) if k not in done]
+    shard, shards = getattr(args, "shard", (0, 1))
+    # Shard i of n generates the missing parts k with k % n == i (one engine each, side by
+    # side on one GPU: a small target leaves a single engine host-bound).
+    missing = {k for k in range(num_parts) if k not in done}  # every shard's work
+    todo = sorted(k for k in missing if k % shards == shard)
     if meta is None:
         meta = {"format": "vllm-dspark training data, parts v1", "recipe": recipe,
                 "excluded": excluded, "parts": []}
     meta["parts"] = [p for p in meta["parts"] if p["index"] in done]
     meta.update(target=os.path.abspath(args.target), num_samples=num_samples,
                 num_parts=num_parts, source=recipe["source"], prompts=args.prompts)
-    _finish_meta(meta, done, num_parts)
     if not todo:
-        ds.write_meta(out, meta)
-        print(f"data complete: {meta['num_rows']} rows in {out} (nothing to generate)",
-              flush=True)
+        meta = _merge_meta(out, meta, num_parts, missing, started)
+        print(f"data: {meta['num_rows']} rows in {out}, nothing left for this process to "
+              "generate", flush=True)
         return meta
     from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams
@@ -200,9 +204,9 @@ def generate(args: argparse.Namespace) -> dict:
         enforce_eager=args.enforce_eager, gpu_memory_utilization=args.gpu_memory_utilization,
         **kw,
     )
-    meta.setdefault("runs", []).append({
-        "parts": todo, "engine_start_s": round(time.time() - t_start, 1), "dtype": args.dtype,
-        "max_num_seqs": args.max_num_seqs, "machine": _machine()})
+    run = {"parts": todo, "shard": f"{shard}/{shards}",
+           "engine_start_s": round(time.time() - t_start, 1), "dtype": args.dtype,
+           "max_num_seqs": args.max_num_seqs, "machine": _machine()}
     file_prompts = None
     if args.prompts:
         every = read_prompts(args.prompts)
@@ -210,7 +214,7 @@ def generate(args: argparse.Namespace) -> dict:
         meta["excluded"]["dropped_from_prompts_file"] = len(every) - len(file_prompts)
         random.Random(args.seed).shuffle(file_prompts)
         file_prompts = file_prompts[:num_samples]
-    seen: set[str] = set()  # Magpie prompts stay distinct across parts
+    seen: set[str] = set()  # Magpie prompts stay distinct across a process's parts
     for path in ds.data_files(out) if done else []:
         seen.update(r["prompt"] for r in ds.iter_records(path))
     answer_params = SamplingParams(
@@ -245,16 +249,41 @@ def generate(args: argparse.Namespace) -> dict:
         meta["parts"] = [p for p in meta["parts"] if p["index"] != k] + [{
             "index": k, "planned": want, "rows": writer.rows, "answer_tokens": n_tokens,
             "files": files,
-            "excluded_dropped": dropped, "seconds": round(time.time() - t0, 1)}]
-        done.add(k)
-        _finish_meta(meta, done, num_parts)
-        ds.write_meta(out, meta)
+            "excluded_dropped": dropped, "seconds": round(time.time() - t0, 1),
+            "written_at": time.time()}]
+        meta = _merge_meta(out, meta, num_parts, missing, started,
+                           run if k == todo[0] else None)
         print(f"part {k + 1}/{num_parts}: {writer.rows} rows, {n_tokens} answer tokens, "
               f"{sum(f['bytes'] for f in files) / 1e6:.1f} MB in {time.time() - t0:.0f}s "
               f"({', '.join(f['file'] for f in files)})", flush=True)
     print(f"wrote {meta['num_rows']} rows, {meta['answer_tokens']} answer tokens to {out} "
           f"in {time.time() - t_start:.0f}s", flush=True)
     return meta
+
+
+def _merge_meta(out: str, meta: dict, num_parts: int, missing: set[int], started: float,
+                run: dict | None = None) -> dict:
+    """Write ``meta`` merged with what other shards wrote meanwhile (their parts and
+    runs), under the meta's lock; returns the merged meta. An entry on disk for a part
+    that was ``missing`` when this run started counts only once rewritten since
+    (``started``): the stale entry of a lost or short part never marks it complete."""
+    from vllm_dspark.train import dataset as ds
+
+    with ds.meta_lock(out):
+        disk = ds.read_meta(out)
+        merged = dict(meta)
+        if disk is not None:
+            mine = {p["index"]: p for p in meta["parts"]}
+            theirs = [p for p in disk.get("parts", []) if p["index"] not in mine
+                      and (p["index"] not in missing or p.get("written_at", 0) >= started)]
+            merged["parts"] = theirs + list(mine.values())
+            merged["runs"] = disk.get("runs", [])
+        if run is not None:
+            merged["runs"] = merged.get("runs", []) + [run]
+        done = {p["index"] for p in merged["parts"]}
+        _finish_meta(merged, done, num_parts)
+        ds.write_meta(out, merged)
+    return merged
 
 
 def _finish_meta(meta: dict, done: set[int], num_parts: int) -> None:
@@ -302,10 +331,21 @@ def add_generation_arguments(p: argparse.ArgumentParser) -> None:
                    help="SmolLM2's recommended sampling (temperature 0.2, top-p 0.9)")
     g.add_argument("--answer-top-p", type=float, default=0.9, help="top-p of the answers")
     g.add_argument("--gpu-memory-utilization", type=float, default=0.85,
-                   help="vLLM's fraction of GPU memory while generating the data")
+                   help="vLLM's fraction of GPU memory while generating the data (all "
+                   "shards together)")
 
 
-def main(argv: list[str] | None = None) -> None:
+def _shard(text: str) -> tuple[int, int]:
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shard {text!r}: expected I/N, e.g. 0/2") from None
+    if not 0 <= i < n:
+        raise argparse.ArgumentTypeError(f"--shard {text!r}: need 0 <= I < N")
+    return i, n
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from vllm_dspark.cli import HelpFormatter, add_dtype_argument
 
     p = argparse.ArgumentParser(description="Generate DSpark training data with vLLM.",
@@ -317,7 +357,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-len", type=int, default=1024, help="vLLM max_model_len")
     p.add_argument("--enforce-eager", action="store_true", help="vLLM enforce_eager")
     add_generation_arguments(p)
-    args = p.parse_args(argv)
+    p.add_argument("--shard", type=_shard, default=(0, 1), metavar="I/N",
+                   help="generate only the parts k with k %% N == I (N engines side by side; "
+                   "`vllm-dspark train --data-shards N` starts them)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     from vllm_dspark.train.dataset import DataError
     from vllm_dspark.train.proc import exit_now
 

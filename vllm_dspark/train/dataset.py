@@ -18,6 +18,8 @@ are renamed before the part's main file, whose existence marks the part complete
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import glob
 import gzip
 import json
@@ -72,9 +74,21 @@ def read_meta(directory: str) -> dict | None:
 
 def write_meta(directory: str, meta: dict) -> None:
     path = os.path.join(directory, META_NAME)
-    with open(path + ".tmp", "w") as f:
+    tmp = f"{path}.{os.getpid()}.tmp"  # one per process: shards write side by side
+    with open(tmp, "w") as f:
         json.dump(meta, f, indent=1)
-    os.replace(path + ".tmp", path)
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def meta_lock(directory: str):
+    """Exclusive while held: the shards of one generation read-modify-write the meta."""
+    fd = os.open(directory, os.O_RDONLY)  # the directory itself: no lock file left behind
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 class PartWriter:
@@ -170,10 +184,16 @@ def iter_records(path: str) -> Iterator[dict]:
 
 def load_rows(spec: str) -> list[tuple[array, array]]:
     """(prompt_ids, answer_ids) of every row, as compact int32 arrays (a 50 k-row set
-    holds ~35 M token ids: Python lists of ints would take over a GB)."""
-    rows = []
+    holds ~35 M token ids: Python lists of ints would take over a GB). A prompt that
+    repeats (the shards of one generation each keep their own prompts distinct, not
+    each other's) counts once: its first row in part order."""
+    rows, seen = [], set()
     for path in data_files(spec):
         for r in iter_records(path):
+            key = tuple(r["prompt_ids"])
+            if key in seen:
+                continue
+            seen.add(key)
             rows.append((array("i", r["prompt_ids"]), array("i", r["answer_ids"])))
     if not rows:
         raise DataError(f"{spec} holds no training rows; regenerate it.")
