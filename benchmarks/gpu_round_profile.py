@@ -5,7 +5,9 @@
 
 Each configuration runs in its own process, in-process engine (no worker process, so
 the profiler sees the runner), CUDA graphs on: ``ours`` (the plugin) and ``upstream``
-(plugin disabled), plus ``plain``. The runner's phases are wrapped in
+(plugin disabled), plus ``plain``; ``ours-eager`` / ``upstream-eager`` run without CUDA
+graphs, where the ``sequential`` range (the Markov loop, sampling and confidences,
+``_sample_sequential``) shows that stage's share of the draft's GPU time. The runner's phases are wrapped in
 ``record_function`` ranges: ``target`` (execute_model: inputs + target forward),
 ``sample`` (sample_tokens: rejection sampling, bookkeeping, and the drafting inside
 it), ``draft`` (the speculator's propose: context K/V, backbone, sequential stage, as
@@ -44,6 +46,13 @@ if cuda:
     from vllm.v1.worker.gpu.model_runner import GPUModelRunner
     from vllm.v1.worker.gpu.spec_decode.dflash.speculator import DFlashSpeculator
     ranged(DFlashSpeculator, "propose", "draft")
+    from vllm.v1.worker.gpu.spec_decode.dspark.speculator import DSparkSpeculator
+    # Runs on each step only without CUDA graphs (ours-eager): the sequential stage's
+    # share of the draft, the case for a fused kernel.
+    ranged(DSparkSpeculator, "_sample_sequential", "sequential")
+    if job["spec"] is not None and not job.get("plugin_off"):
+        from vllm_dspark.engine.v2.speculator import DSparkV2Speculator
+        ranged(DSparkV2Speculator, "_sample_sequential", "sequential")
 else:  # CPU smoke test of this script: the V1 runner
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 ranged(GPUModelRunner, "execute_model", "target")
@@ -51,7 +60,7 @@ ranged(GPUModelRunner, "sample_tokens", "sample")
 
 if __name__ == "__main__":
     kw = dict(model=job["target"], dtype=job["dtype"], max_model_len=2048, max_num_seqs=4,
-              seed=0, enforce_eager=not cuda)
+              seed=0, enforce_eager=job.get("eager", False) or not cuda)
     if job["spec"] is not None:
         kw["speculative_config"] = job["spec"]
     llm = LLM(**kw)
@@ -70,7 +79,7 @@ if __name__ == "__main__":
         dev = getattr(e, "device_time_total", None)
         if dev is None:
             dev = getattr(e, "cuda_time_total", 0.0)
-        if e.key in ("target", "sample", "draft"):
+        if e.key in ("target", "sample", "draft", "sequential"):
             stats[e.key] = dict(calls=e.count, cpu_us=e.cpu_time_total, gpu_us=dev)
     for e in prof.events():
         if e.device_type.name == "CUDA":
@@ -104,7 +113,8 @@ def main() -> None:
     prompt = read_prompts(args.prompts, limit=1)[0]
     spec = {"method": "dspark", "model": args.draft, "num_speculative_tokens": args.gamma}
     off = {"VLLM_PLUGINS": "vllm-dspark-disabled"}
-    plans = {"plain": (None, off), "upstream": (spec, off), "ours": (spec, {})}
+    plans = {"plain": (None, off), "upstream": (spec, off), "ours": (spec, {}),
+             "upstream-eager": (spec, off), "ours-eager": (spec, {})}
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         worker = os.path.join(tmp, "worker.py")
@@ -113,7 +123,8 @@ def main() -> None:
             spec_cfg, env = plans[name]
             jp = os.path.join(tmp, f"{name}.json")
             json.dump(dict(target=args.target, spec=spec_cfg, prompt=prompt,
-                           tokens=args.tokens, dtype=args.dtype), open(jp, "w"))
+                           tokens=args.tokens, dtype=args.dtype, eager=name.endswith("-eager"),
+                           plugin_off=bool(env)), open(jp, "w"))
             proc = subprocess.run([sys.executable, worker, jp], capture_output=True, text=True,
                                   env=dict(os.environ, **env), timeout=900)
             line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)

