@@ -198,13 +198,16 @@ def generate(args: argparse.Namespace) -> dict:
     tok = AutoTokenizer.from_pretrained(args.target)
     stop_ids = [tok.eos_token_id] if tok.eos_token_id is not None else None
     kw = {"max_num_seqs": args.max_num_seqs} if args.max_num_seqs else {}
+    kv = _shard_kv_bytes(args.gpu_memory_utilization) if shards > 1 else None
+    if kv is not None:
+        kw["kv_cache_memory_bytes"] = kv
     t_start = time.time()
     llm = LLM(
         args.target, dtype=args.dtype, seed=args.seed, max_model_len=args.max_len,
         enforce_eager=args.enforce_eager, gpu_memory_utilization=args.gpu_memory_utilization,
         **kw,
     )
-    run = {"parts": todo, "shard": f"{shard}/{shards}",
+    run = {"parts": todo, "shard": f"{shard}/{shards}", "kv_cache_memory_bytes": kv,
            "engine_start_s": round(time.time() - t_start, 1), "dtype": args.dtype,
            "max_num_seqs": args.max_num_seqs, "machine": _machine()}
     file_prompts = None
@@ -259,6 +262,17 @@ def generate(args: argparse.Namespace) -> dict:
     print(f"wrote {meta['num_rows']} rows, {meta['answer_tokens']} answer tokens to {out} "
           f"in {time.time() - t_start:.0f}s", flush=True)
     return meta
+
+
+def _shard_kv_bytes(share: float) -> int | None:
+    """A fixed KV cache for one of several engines on one GPU: 60 % of its memory share.
+    Sized by vLLM's profiling instead, an engine that starts while the others allocate
+    can see no memory left for its cache (seen on an H200 with 4 shards: one failed)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return int(0.6 * share * torch.cuda.mem_get_info()[1])
 
 
 def _merge_meta(out: str, meta: dict, num_parts: int, missing: set[int], started: float,
@@ -331,8 +345,9 @@ def add_generation_arguments(p: argparse.ArgumentParser) -> None:
                    help="SmolLM2's recommended sampling (temperature 0.2, top-p 0.9)")
     g.add_argument("--answer-top-p", type=float, default=0.9, help="top-p of the answers")
     g.add_argument("--gpu-memory-utilization", type=float, default=0.85,
-                   help="vLLM's fraction of GPU memory while generating the data (all "
-                   "shards together)")
+                   help="vLLM's fraction of GPU memory while generating the data (`train "
+                   "--data-shards N` splits it between its N engines, each with a fixed KV "
+                   "cache of 60%% of its share)")
 
 
 def _shard(text: str) -> tuple[int, int]:
