@@ -159,3 +159,69 @@ def test_the_v2_start_up_line_says_what_runs(drafter_factory, monkeypatch, adapt
                                num_speculative_steps=4)
     line = DSparkV2Speculator._describe_choice(stand_in)
     assert line.startswith("vllm-dspark: runner V2, γ=4, gated Markov head") and says in line
+
+
+def _sequential_stand_in(head, dtype, adaptive, seed=0, reqs=3, gamma=5, vocab=64, hidden=16):
+    """A DSparkV2Speculator without __init__: just what ``_sample_sequential`` reads, with
+    our heads on a random backbone output, greedy drafts (upstream's argmax path)."""
+    import torch
+
+    from vllm_dspark.engine.v2.speculator import DSparkV2Speculator
+    from vllm_dspark.model.confidence_head import ConfidenceHead
+    from vllm_dspark.model.markov_head import build_markov_head
+
+    torch.manual_seed(seed)
+    markov = build_markov_head(head, vocab_size=vocab, rank=8, hidden_size=hidden).to(dtype)
+    conf = ConfidenceHead(hidden_size=hidden, markov_rank=8, with_markov=True).to(dtype)
+    lm = torch.nn.Linear(hidden, vocab, bias=False).to(dtype)
+    sp = object.__new__(DSparkV2Speculator)
+    n = reqs * gamma
+    sp.__dict__.update(
+        num_speculative_steps=gamma, draft_logits=None, acceptance_estimator=None,
+        _step_cols=[torch.tensor(k) for k in range(gamma)],
+        model=SimpleNamespace(markov_head=markov, confidence_head=conf,
+                              compute_draft_logits=lm, map_draft_to_target=lambda ids: ids),
+        use_confidence_head=adaptive, sts=[0.5 + 0.25 * k for k in range(gamma)],
+        sample_indices=torch.randperm(n + 4)[:n], sample_idx_mapping=torch.arange(n),
+        sample_pos=torch.arange(n), _anchor_idx=torch.arange(reqs),
+        input_buffers=SimpleNamespace(input_ids=torch.randint(0, vocab, (reqs + 2,))),
+        draft_tokens=torch.zeros(reqs + 1, gamma, dtype=torch.long),
+        draft_token_confidence_probs=torch.full((reqs + 1, gamma), -1.0))
+    sp._sts_t = torch.tensor(sp.sts)
+    head_hidden = torch.randn(n + 4, hidden, dtype=dtype)
+    return sp, head_hidden, reqs
+
+
+@pytest.mark.parametrize("head", ["vanilla", "gated", "rnn"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_v2_sequential_stage_drafts_greedily_with_batched_confidences(head, dtype):
+    """Our ``_sample_sequential``: each token is the argmax of the backbone's logits plus
+    the head's bias from the token before (teacher-forced over the drafted block), and
+    the confidences of the batched pass equal ``position_confidence`` per position; with
+    a fixed γ (no budget, no trace) no confidence is computed at all."""
+    import torch
+
+    from vllm_dspark.decode.draft import position_confidence
+
+    dt = getattr(torch, dtype)
+    sp, head_hidden, reqs = _sequential_stand_in(head, dt, adaptive=True)
+    gamma = sp.num_speculative_steps
+    with torch.no_grad():
+        sp._sample_sequential(reqs, head_hidden)
+        hidden = head_hidden[sp.sample_indices].view(reqs, gamma, -1)
+        base = sp.model.compute_draft_logits(hidden)
+        anchor = sp.input_buffers.input_ids[:reqs]
+        drafts = sp.draft_tokens[:reqs]
+        prevs = torch.cat([anchor[:, None], drafts[:, :-1]], dim=1)
+        corrected = sp.model.markov_head.block_logits(base, prevs, hidden)
+        assert torch.equal(corrected.argmax(-1), drafts)
+        want = torch.stack([position_confidence(sp.model.confidence_head, sp.model.markov_head,
+                                                hidden[:, k], prevs[:, k], sp.sts[k])
+                            for k in range(gamma)], dim=1)
+        torch.testing.assert_close(sp.draft_token_confidence_probs[:reqs], want)
+        assert (sp.draft_token_confidence_probs[reqs:] == -1).all()  # rows past num_reqs
+
+        fixed, head_hidden, reqs = _sequential_stand_in(head, dt, adaptive=False)
+        fixed._sample_sequential(reqs, head_hidden)
+        assert torch.equal(fixed.draft_tokens, sp.draft_tokens)  # same seed: same drafts
+        assert (fixed.draft_token_confidence_probs == -1).all()

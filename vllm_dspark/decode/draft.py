@@ -147,6 +147,20 @@ def position_confidence(
     return torch.sigmoid(z)
 
 
+def block_confidence(
+    confidence_head: ConfidenceHead,
+    markov_head: MarkovHead | None,
+    hidden: torch.Tensor,  # [B, γ, H], h_1..h_γ
+    prev: torch.Tensor,  # [B, γ], x_0..x_{γ-1} (anchor, then the block shifted by one)
+    sts_temperatures: torch.Tensor,  # [γ] float32
+) -> torch.Tensor:  # [B, γ] float32
+    """Every position's c_k of a drafted block at once: ``position_confidence`` per k,
+    in one batched pass once the block's tokens are known (fewer kernels in the graph)."""
+    emb = markov_head.prev_embed(prev) if confidence_head.with_markov else None
+    z = confidence_head(hidden, emb).float()
+    return torch.sigmoid(z / sts_temperatures)
+
+
 def _put(out: torch.Tensor, rows: torch.Tensor | None, k: int, value: torch.Tensor) -> None:
     """out[rows, k] = value (rows None: every row)."""
     if rows is None:

@@ -9,8 +9,11 @@ the one method inside the graph, ``_sample_sequential``, with the plugin's heads
 
 - the sequential head's ``step`` (vanilla, gated or RNN, ``vllm_dspark.model``), so a
   gated/RNN drafter gets its own bias instead of a silently wrong vanilla one;
-- confidences c_k = σ(z_k / t_k) with the draft's STS temperatures (always computed
-  when the draft has a head: the verification budget and the metrics read them);
+- confidences c_k = σ(z_k / t_k) with the draft's STS temperatures, in one batched pass
+  after the loop, and only where something reads them (the verification budget, the
+  trace): with a fixed γ nothing does, and the round skips them;
+- the corrected logits stay in the backbone's dtype (no float32 copy of a vocabulary-
+  wide row per position), as upstream's, cast only where q is cached in another dtype;
 - sampling through upstream's seeded Gumbel sampler, which also caches the logits each
   token was drawn from as q for the rejection sampler (``draft_sample_method=
   "probabilistic"``): lossless at any temperature.
@@ -29,7 +32,7 @@ from vllm.logger import init_logger
 from vllm.v1.worker.gpu.spec_decode.dspark.speculator import DSparkSpeculator
 
 from vllm_dspark.config import DSparkConfig, DSparkConfigError
-from vllm_dspark.decode.draft import position_confidence, sts_per_position
+from vllm_dspark.decode.draft import block_confidence, sts_per_position
 
 logger = init_logger(__name__)
 
@@ -51,14 +54,16 @@ class DSparkV2Speculator(DSparkSpeculator):
                 "dspark_draft_topk is not supported by vllm-dspark's speculator; remove it "
                 "from the draft's config.json (drafts then use the full vocabulary).")
         self.sts = sts_per_position(self.dspark.sts_temperatures, self.num_speculative_steps)
+        self._sts_t = torch.tensor(self.sts, dtype=torch.float32, device=device)
         # Debug/test knob (as on V1): append every drafted block as a JSON line.
         self._trace_path = os.environ.get("VLLM_DSPARK_TRACE_FILE") or None
 
     def load_draft_model(self, target_model, target_attn_layer_names):
         model = super().load_draft_model(target_model, target_attn_layer_names)
-        # Ours are computed whenever the draft has a head (upstream only under adaptive
-        # verification): the budget policy and the metrics read them.
-        self.use_confidence_head = model.model.confidence_head is not None
+        # Confidences are computed when the draft has a head and something reads them:
+        # the verification budget (adaptive verification) or the trace.
+        self.use_confidence_head = model.model.confidence_head is not None and bool(
+            self.speculative_config.enable_adaptive_verification or self._trace_path)
         if self.use_confidence_head:
             self.use_acceptance_estimator = False
         model.attach_target_final_norm(
@@ -98,24 +103,27 @@ class DSparkV2Speculator(DSparkSpeculator):
         idx_map = self.sample_idx_mapping[:n].view(num_reqs, gamma)
         sample_pos = self.sample_pos[:n].view(num_reqs, gamma)
         # The anchor (the token the target just emitted) sits at query offset 0.
-        prev = self.input_buffers.input_ids[self._anchor_idx[:num_reqs]]
+        anchor = self.input_buffers.input_ids[self._anchor_idx[:num_reqs]]
+        prev = anchor
         state = markov.init_state(prev.shape, hidden) if markov is not None else None
         cache_dtype = self.draft_logits.dtype if self.draft_logits is not None else None
         for k in range(gamma):
-            h = hidden[:, k]
-            if conf_head is not None:
-                self.draft_token_confidence_probs[:num_reqs, k] = position_confidence(
-                    conf_head, markov, h, prev, self.sts[k])
-            logits = base[:, k].float()
+            logits = base[:, k]
             if markov is not None:
-                bias, state = markov.step(prev, h, state)
-                logits = logits + bias.float()
+                bias, state = markov.step(prev, hidden[:, k], state)
+                logits = logits + bias.to(logits.dtype)
             if cache_dtype is not None:
                 # q is cached in this dtype: sample from exactly the cached logits.
                 logits = logits.to(cache_dtype)
             tok = self._sample_logits(logits, idx_map[:, k], sample_pos[:, k], k)
             self.draft_tokens[:num_reqs, k] = tok
             prev = tok
+        if conf_head is not None:
+            # c_k reads x_{k-1}: the anchor, then the block's tokens shifted by one.
+            prevs = torch.cat([anchor[:, None], self.draft_tokens[:num_reqs, :gamma - 1]
+                               .to(anchor.dtype)], dim=1)
+            self.draft_token_confidence_probs[:num_reqs, :gamma] = block_confidence(
+                conf_head, markov, hidden, prevs, self._sts_t)
 
     def propose(self, input_batch, *args, **kwargs):
         drafts = super().propose(input_batch, *args, **kwargs)
