@@ -7,8 +7,9 @@ Each configuration runs in its own process, in-process engine (no worker process
 the profiler sees the runner), CUDA graphs on: ``ours`` (the plugin) and ``upstream``
 (plugin disabled), plus ``plain``; ``ours-eager`` / ``upstream-eager`` run without CUDA
 graphs, where the ``sequential`` range (the Markov loop, sampling and confidences,
-``_sample_sequential``) shows that stage's share of the draft's GPU time. The runner's phases are wrapped in
-``record_function`` ranges: ``target`` (execute_model: inputs + target forward),
+``_sample_sequential``) shows that stage's share of the draft's GPU time. The runner's
+phases are wrapped in ``record_function`` ranges: ``target`` (execute_model: inputs +
+target forward),
 ``sample`` (sample_tokens: rejection sampling, bookkeeping, and the drafting inside
 it), ``draft`` (the speculator's propose: context K/V, backbone, sequential stage, as
 one FULL-graph replay). After a warm-up request, one request decodes ``--tokens``
