@@ -125,7 +125,7 @@ data-in)
   # parts, 2026-12-02, H200), else carried in .gpu/data60k as data-wait brought them back.
   mkdir -p $DATA
   if [ -f $CARRY/data60k/data.tar.0 ]; then cat $CARRY/data60k/data.tar.* | tar -xf - -C $DATA
-  else cp benchmarks/smollm2/data/* $DATA/; fi
+  else cp benchmarks/smollm2/data/data* $DATA/; fi
   ls $DATA
   ;;
 probe)
