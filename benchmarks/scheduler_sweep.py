@@ -123,7 +123,7 @@ def main() -> None:
         engines = {}
         try:
             for mode in args.modes:  # started one after another, all kept alive
-                env = engine_env({"VLLM_CPU_KVCACHE_SPACE": "2"})
+                env = engine_env({"VLLM_CPU_KVCACHE_SPACE": "2"}, v1=True)  # V1 scheduler
                 if MODE_ENV[mode] is not None:
                     env.update(MODE_ENV[mode], VLLM_DSPARK_SPS=args.sps)
                 job = dict(target=args.target, draft=args.draft, mode=mode, env=env,

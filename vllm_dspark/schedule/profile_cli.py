@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     dtype = engine_dtype(args.dtype)
     with tempfile.TemporaryDirectory(prefix="vllm-dspark-profile-") as cache:
         env = engine_env(dict(os.environ, VLLM_DSPARK_CACHE=cache, VLLM_DSPARK_SPS="profile",
-                              VLLM_DSPARK_SCHEDULER="causal"))
+                              VLLM_DSPARK_SCHEDULER="causal"), v1=True)  # a V1 feature
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
         child = os.path.join(cache, "profile_child.py")  # spawned workers re-import it
         with open(child, "w") as f:
