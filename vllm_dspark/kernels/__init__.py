@@ -2,4 +2,6 @@
 
 - ``tree_accept``: the acceptance walk over a draft tree (greedy, and T > 0 against a
   fixed candidate set), one Triton program per request.
+- ``tree_attention``: a draft tree's verification attention over vLLM's paged KV cache
+  (context + ancestors, never other branches), one Triton program per query row and head.
 """
