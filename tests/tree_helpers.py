@@ -7,7 +7,7 @@ import torch
 
 from vllm_dspark.checkpoint import build_draft_config
 from vllm_dspark.config import DSparkConfig
-from vllm_dspark.decode.tree_attention import attention_mask_with_context, tree_positions
+from vllm_dspark.eval.tree import tree_forward  # noqa: F401 - the tests' import point
 from vllm_dspark.model.drafter import DSparkDrafter
 
 TARGET = dict(hidden_size=48, intermediate_size=80, num_hidden_layers=3, num_attention_heads=4,
@@ -35,19 +35,3 @@ def block_inputs(model: DSparkDrafter, r: int, gamma: int, seed: int = 0):
     hidden = torch.randn(r, gamma, model.cfg.hidden_size, generator=g, dtype=torch.float64)
     anchors = torch.randint(0, model.cfg.vocab_size, (r,), generator=g)
     return model.base_logits(hidden), hidden, anchors
-
-
-def tree_forward(target, seq: list[int], tree_tokens: torch.Tensor, parents: torch.Tensor,
-                 depth: torch.Tensor, **kw):
-    """One HF forward over [seq, nodes] for one request: the last token of ``seq`` is the
-    root; rows before it are causal, tree rows see the context and their ancestors.
-    Returns the HF output; rows len(seq)-1 .. are the tree's [N+1]."""
-    p = len(seq) - 1
-    ids = torch.tensor([seq + tree_tokens.tolist()])
-    length = ids.shape[1]
-    allowed = torch.ones(length, length, dtype=torch.bool).tril()
-    allowed[p:] = attention_mask_with_context(parents[None], p)[0]  # [N+1, p+N+1]
-    pos = torch.cat([torch.arange(p)[None], tree_positions(depth[None], torch.tensor([p]))], 1)
-    dtype = next(target.parameters()).dtype
-    bias = torch.zeros(length, length, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
-    return target(input_ids=ids, attention_mask=bias[None, None], position_ids=pos, **kw)

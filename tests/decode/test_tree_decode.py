@@ -21,11 +21,11 @@ import os
 import pytest
 import torch
 from checks import chi_square_p_value
-from tree_helpers import tree_forward
 
 from tiny_models import VOCAB, make_drafter
 from vllm_dspark.decode.tree import TreeSpec, draft_tree
-from vllm_dspark.decode.tree_verify import draw_noise, kept_rows, verify_tree
+from vllm_dspark.decode.tree_verify import draw_noise, verify_tree
+from vllm_dspark.eval.tree import greedy_tree_decode
 from vllm_dspark.model.confidence_head import ConfidenceHead
 from vllm_dspark.model.drafter import target_features
 from vllm_dspark.model.markov_head import MarkovHead
@@ -66,33 +66,10 @@ def oracle_logits(base, truth, p):
     return out
 
 
-@torch.no_grad()
 def tree_decode(target, drafter, prompt, n, spec, truth, sps=None):
-    seq = list(prompt)
-    out = target(input_ids=torch.tensor([seq[:-1]]), output_hidden_states=True)
-    feats = target_features(out.hidden_states, LAYERS)  # [1, p, 3H]: positions < p
-    stats = {"rounds": 0, "accepted": 0, "side_branch": 0, "verified": 0, "drafted": 0}
-    while len(seq) - len(prompt) < n:
-        p = len(seq) - 1
-        anchor = torch.tensor([seq[-1]])
-        h = drafter.draft_block_states(feats, anchor, drafter.cfg.block_size)
-        base = oracle_logits(drafter.base_logits(h), truth, p)
-        tree = draft_tree(base, h, anchor, None, drafter.markov_head, drafter.confidence_head,
-                          None, spec)
-        admitted = tree.count if sps is None else tree_schedule(tree.survival, sps).lengths
-        out = tree_forward(target, seq, tree.tokens[0], tree.parents[0], tree.depth[0],
-                           output_hidden_states=True)
-        verdict = verify_tree(tree, out.logits[:, p:], None, admitted=admitted)
-        k = int(verdict.num_emitted[0])
-        rows = kept_rows(verdict)[0, :k]  # root + accepted path: the next context
-        feats = torch.cat([feats, target_features(out.hidden_states, LAYERS)[:, p + rows]], 1)
-        seq += verdict.tokens[0, :k].tolist()
-        acc = verdict.accepted[0, : k - 1]
-        for key, value in (("rounds", 1), ("accepted", k - 1), ("verified", int(admitted[0])),
-                           ("drafted", int(tree.count[0])),
-                           ("side_branch", int((tree.sibling[0, acc] > 0).sum()))):
-            stats[key] += value
-    return seq, feats, stats
+    admit = None if sps is None else (lambda tree: tree_schedule(tree.survival, sps).lengths)
+    return greedy_tree_decode(target, drafter, prompt, n, spec, admit=admit,
+                              base_hook=lambda base, p: oracle_logits(base, truth, p))
 
 
 @pytest.mark.parametrize("scheduled", [False, True], ids=["all-nodes", "algorithm-1"])
