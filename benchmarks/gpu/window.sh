@@ -3,8 +3,9 @@
 # no step waits on the next `device` call (the machine goes back after 30 s idle):
 #
 #   1. the round profile at c = 1 (benchmarks/gpu_round_profile.py; the GPU alone);
-#   2. the GPU tests (session.sh tests-bg) and the issue-16 data (gpu.sh data-bg, 4 engines)
-#      side by side: correctness and throughput, no timing;
+#   2. the GPU tests (session.sh tests-bg) and the issue-16 data (gpu.sh data-in: the
+#      committed parts; data-bg: the missing ones, 4 engines) side by side: correctness
+#      and throughput, no timing; the tests run on through the training;
 #   3. the issue-16 training recipe: probe, then the first leg of `big` until DEADLINE
 #      (epoch seconds) less 90 s, the schedule sized for 22 minutes (a later machine
 #      warm-restarts it: gpu.sh big-in + big-bg).
@@ -25,6 +26,7 @@ start)
     set -x
     OUT=$OUT_KEEP bash benchmarks/gpu/session.sh profile > '$L'/profile.log 2>&1
     bash benchmarks/gpu/session.sh tests-bg
+    [ -f /tmp/pair/data60k/data.meta.json ] || bash benchmarks/smollm2/gpu.sh data-in
     GPU_MEM=0.35 bash benchmarks/smollm2/gpu.sh data-bg
     while kill -0 $(cat /tmp/pair/data.pid) 2>/dev/null; do sleep 5; done
     OUT=$OUT_KEEP bash benchmarks/smollm2/gpu.sh probe > '$L'/probe.log 2>&1
