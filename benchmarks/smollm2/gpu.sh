@@ -61,6 +61,9 @@ RECIPE=${RECIPE:-"--gamma 7 --num-layers 2 --num-feature-layers 3 --markov-rank 
   --markov-head-type vanilla --batch-size 32 --anchors 256 --max-len 1024 --lr 1e-3 --warmup 200
   --seed 0 --save-every 500"}
 MINUTES=${MINUTES:-22}
+# The data plan, given to every train call on $DATA: an incomplete directory is then
+# finished with the same recipe instead of being refused for another one.
+DATA_PLAN="--num-samples $NSAMPLES --part-rows $PART_ROWS --data-shards $SHARDS --max-num-seqs 1024"
 
 refresh() {  # this checkout's vllm_dspark into /tmp/site (SKIP_INSTALL=1: use it in place)
   [ -n "${SKIP_INSTALL:-}" ] && return 0
@@ -132,7 +135,7 @@ probe)
   # 40 steps of the recipe on a scratch directory: steps/s and peak GPU memory.
   refresh
   rm -rf $P/probe
-  python3 -m vllm_dspark.cli train --target $TGT --out $P/probe --data $DATA $RECIPE \
+  python3 -m vllm_dspark.cli train --target $TGT --out $P/probe --data $DATA $DATA_PLAN $RECIPE \
     --steps 40 --warmup 10 --save-every 1000 --log-every 10 2>&1 | tr '\r' '\n' | tail -n 3
   python3 -c "import json; t=json.load(open('$P/probe/training.json'))['throughput']; print(t); print('steps in $MINUTES min:', int(t['steps_per_s']*60*$MINUTES*0.95))"
   cp $P/probe/training.json $OUT/training_probe.json
@@ -146,7 +149,7 @@ big-bg)
     steps=$(python3 -c "import json; t=json.load(open('$P/probe/training.json'))['throughput']; print(int(t['steps_per_s']*60*$MINUTES*0.95))")
   fi
   echo "steps: $steps"
-  setsid nohup python3 -m vllm_dspark.cli train --target $TGT --out $P/big --data $DATA $RECIPE \
+  setsid nohup python3 -m vllm_dspark.cli train --target $TGT --out $P/big --data $DATA $DATA_PLAN $RECIPE \
     --steps "$steps" --max-minutes "${2:-9}" > $P/big.log 2>&1 < /dev/null & echo $! > $P/big.pid
   ;;
 big-wait)
@@ -173,7 +176,7 @@ variants-bg)
   for spec in "$@"; do
     IFS=: read -r name steps extra <<< "$spec"
     # shellcheck disable=SC2086
-    setsid nohup python3 -m vllm_dspark.cli train --target $TGT --out $P/$name --data $DATA \
+    setsid nohup python3 -m vllm_dspark.cli train --target $TGT --out $P/$name --data $DATA $DATA_PLAN \
       $RECIPE --steps "$steps" --max-minutes "${VMIN:-9}" $extra > $P/$name.log 2>&1 < /dev/null &
     echo $! > $P/$name.pid
     sleep 2
