@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from checks import run_in_triton_interpreter
-from test_tree_attention import case
+from test_paged_tree_attention import case
 
 from vllm_dspark.decode.tree_verify import kept_rows
 from vllm_dspark.kernels.kv_compact import compact_kv_ref
