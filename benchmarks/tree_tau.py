@@ -64,7 +64,9 @@ def main() -> None:
                 ids = chat_prompt_ids(tok, p)
                 seq, _, st = greedy_tree_decode(target, drafter, ids, args.max_tokens, spec,
                                                 stop_ids={tok.eos_token_id})
-                outputs.append(seq[len(ids):])
+                # A round emits up to its accepted path + 1, so the last one can overshoot
+                # max_tokens by a different amount per configuration: compare max_tokens.
+                outputs.append(seq[len(ids):][: args.max_tokens])
                 for k in tot:
                     tot[k] += st[k]
             row = {"dataset": ds, "config": name, "budget": spec.budget, "width": spec.width,
