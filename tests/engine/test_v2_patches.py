@@ -181,13 +181,12 @@ def _sequential_stand_in(head, dtype, adaptive, seed=0, reqs=3, gamma=5, vocab=6
         _step_cols=[torch.tensor(k) for k in range(gamma)],
         model=SimpleNamespace(markov_head=markov, confidence_head=conf,
                               compute_draft_logits=lm, map_draft_to_target=lambda ids: ids),
-        use_confidence_head=adaptive, sts=[0.5 + 0.25 * k for k in range(gamma)],
+        use_confidence_head=adaptive, sts=torch.tensor([0.5 + 0.25 * k for k in range(gamma)]),
         sample_indices=torch.randperm(n + 4)[:n], sample_idx_mapping=torch.arange(n),
         sample_pos=torch.arange(n), _anchor_idx=torch.arange(reqs),
         input_buffers=SimpleNamespace(input_ids=torch.randint(0, vocab, (reqs + 2,))),
         draft_tokens=torch.zeros(reqs + 1, gamma, dtype=torch.long),
         draft_token_confidence_probs=torch.full((reqs + 1, gamma), -1.0))
-    sp._sts_t = torch.tensor(sp.sts)
     head_hidden = torch.randn(n + 4, hidden, dtype=dtype)
     return sp, head_hidden, reqs
 
@@ -216,7 +215,7 @@ def test_the_v2_sequential_stage_drafts_greedily_with_batched_confidences(head, 
         corrected = sp.model.markov_head.block_logits(base, prevs, hidden)
         assert torch.equal(corrected.argmax(-1), drafts)
         want = torch.stack([position_confidence(sp.model.confidence_head, sp.model.markov_head,
-                                                hidden[:, k], prevs[:, k], sp.sts[k])
+                                                hidden[:, k], prevs[:, k], float(sp.sts[k]))
                             for k in range(gamma)], dim=1)
         torch.testing.assert_close(sp.draft_token_confidence_probs[:reqs], want)
         assert (sp.draft_token_confidence_probs[reqs:] == -1).all()  # rows past num_reqs

@@ -53,8 +53,10 @@ class DSparkV2Speculator(DSparkSpeculator):
             raise DSparkConfigError(
                 "dspark_draft_topk is not supported by vllm-dspark's speculator; remove it "
                 "from the draft's config.json (drafts then use the full vocabulary).")
-        self.sts = sts_per_position(self.dspark.sts_temperatures, self.num_speculative_steps)
-        self._sts_t = torch.tensor(self.sts, dtype=torch.float32, device=device)
+        # [γ] STS temperature per position, on the device: the graph divides by it.
+        self.sts = torch.tensor(
+            sts_per_position(self.dspark.sts_temperatures, self.num_speculative_steps),
+            dtype=torch.float32, device=device)
         # Debug/test knob (as on V1): append every drafted block as a JSON line.
         self._trace_path = os.environ.get("VLLM_DSPARK_TRACE_FILE") or None
 
@@ -123,7 +125,7 @@ class DSparkV2Speculator(DSparkSpeculator):
             prevs = torch.cat([anchor[:, None], self.draft_tokens[:num_reqs, :gamma - 1]
                                .to(anchor.dtype)], dim=1)
             self.draft_token_confidence_probs[:num_reqs, :gamma] = block_confidence(
-                conf_head, markov, hidden, prevs, self._sts_t)
+                conf_head, markov, hidden, prevs, self.sts)
 
     def propose(self, input_batch, *args, **kwargs):
         drafts = super().propose(input_batch, *args, **kwargs)
