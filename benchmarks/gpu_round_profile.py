@@ -15,7 +15,10 @@ it), ``draft`` (the speculator's propose: context K/V, backbone, sequential stag
 one FULL-graph replay). After a warm-up request, one request decodes ``--tokens``
 tokens under the profiler; per decode step we report each range's CPU time and the
 GPU time of the kernels it launched, the step's wall time, and the host gap (wall −
-GPU time of all kernels, i.e. time the GPU waited on the host).
+GPU time of all kernels, i.e. time the GPU waited on the host). The same request is
+first decoded without the profiler (``unprofiled``): wall time per step, and per range
+the time between CUDA events recorded around it (no sync in the loop) — the numbers to
+compare, since the profiler inflates graphs of many small kernels.
 """
 
 from __future__ import annotations
@@ -35,11 +38,23 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 from vllm import LLM, SamplingParams
 
+# Without the profiler: CUDA events around each range, read after the run (no sync in
+# the loop). CUPTI inflates graphs of many small kernels; the events do not.
+EVENTS = {"on": False, "pairs": {}}
+
 def ranged(cls, name, label):
     original = getattr(cls, name)
     def wrapped(*a, **k):
+        timed = EVENTS["on"] and torch.cuda.is_available()
+        if timed:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
         with record_function(label):
-            return original(*a, **k)
+            result = original(*a, **k)
+        if timed:
+            end.record()
+            EVENTS["pairs"].setdefault(label, []).append((start, end))
+        return result
     setattr(cls, name, wrapped)
 
 cuda = torch.cuda.is_available()
@@ -68,6 +83,16 @@ if __name__ == "__main__":
     chat = [[{"role": "user", "content": job["prompt"]}]]
     params = SamplingParams(temperature=0.0, max_tokens=job["tokens"], ignore_eos=True)
     llm.chat(chat, params, use_tqdm=False)  # warm-up
+    EVENTS["on"] = True  # the same request, unprofiled, timed by wall clock and CUDA events
+    t0 = time.perf_counter()
+    llm.chat(chat, params, use_tqdm=False)
+    if cuda:
+        torch.cuda.synchronize()
+    plain_wall = time.perf_counter() - t0
+    EVENTS["on"] = False
+    pairs = EVENTS["pairs"]
+    plain_steps = len(pairs.get("target", [])) or 1
+    event_ms = {k: sum(a.elapsed_time(b) for a, b in v) / plain_steps for k, v in pairs.items()}
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=acts) as prof:
         t0 = time.perf_counter()
@@ -91,7 +116,9 @@ if __name__ == "__main__":
     out = dict(steps=steps, wall_ms_per_step=wall / steps * 1e3,
                gpu_ms_per_step=kernels_us / steps / 1e3,
                host_gap_ms_per_step=(wall * 1e6 - kernels_us) / steps / 1e3,
-               tokens=job["tokens"], tok_s=job["tokens"] / wall, phases=per_step)
+               tokens=job["tokens"], tok_s=job["tokens"] / wall, phases=per_step,
+               unprofiled=dict(steps=plain_steps, wall_ms_per_step=plain_wall / plain_steps * 1e3,
+                               tok_s=job["tokens"] / plain_wall, event_ms_per_step=event_ms))
     print("RESULT " + json.dumps(out), flush=True)
     os._exit(0)
 '''
@@ -133,6 +160,11 @@ def main() -> None:
                 raise RuntimeError(f"{name} failed:\n{proc.stderr[-4000:]}")
             results[name] = json.loads(line[7:])
             r = results[name]
+            u = r["unprofiled"]
+            print(f"{name} unprofiled: {u['wall_ms_per_step']:.2f} ms/step wall, "
+                  f"{u['tok_s']:.0f} tok/s; CUDA events per step: "
+                  + ", ".join(f"{k} {v:.2f} ms" for k, v in u["event_ms_per_step"].items()),
+                  file=sys.stderr)
             print(f"{name}: {r['wall_ms_per_step']:.2f} ms/step wall, "
                   f"{r['gpu_ms_per_step']:.2f} GPU, {r['host_gap_ms_per_step']:.2f} host gap; "
                   + ", ".join(f"{k} {v['gpu_ms']:.2f} GPU / {v['cpu_ms']:.2f} CPU ms"

@@ -59,8 +59,8 @@ tests-bg)
   shift
   python3 -m pip install -q --no-deps --no-build-isolation --upgrade --target /tmp/site . 2>&1 | grep -v WARNING
   rm -rf $G/failures  # each failure's report lands here as it happens (tests/conftest.py)
-  VLLM_DSPARK_FAILURE_DIR=$G/failures setsid nohup python3 -m pytest tests/engine/test_v2.py tests/engine/test_v2_server.py \
-    tests/engine/test_gpu_scheduler.py tests/schedule/test_triton_prefix.py tests/kernels \
+  VLLM_DSPARK_FAILURE_DIR=$G/failures setsid nohup python3 -m pytest tests/kernels tests/schedule/test_triton_prefix.py \
+    tests/engine/test_v2.py tests/engine/test_v2_server.py tests/engine/test_gpu_scheduler.py \
     -v -rs -p no:cacheprovider \
     "$@" > $G/tests.log 2>&1 < /dev/null &
   echo $! > $G/tests.pid ;;
@@ -75,7 +75,7 @@ profile)
   python3 -m pip install -q --no-deps --no-build-isolation --upgrade --target /tmp/site . 2>&1 | grep -v WARNING
   python3 benchmarks/gpu_round_profile.py --target $G/smollm2 --draft models/dspark-smollm2-135m \
     --prompts vllm_dspark/reference_prompts/mt-bench.jsonl --out $OUT/gpu_round_profile_h200.json \
-    --configs plain upstream ours ours-eager ;;
+    --configs plain upstream ours ;;
 wait)
   name=$2; limit=${3:-540}; t=0
   while kill -0 "$(cat $G/$name.pid)" 2>/dev/null && [ $t -lt $limit ]; do sleep 5; t=$((t+5)); done

@@ -2,19 +2,21 @@
 # One GPU window's work for issues 15 and 16, run in the background on the machine so that
 # no step waits on the next `device` call (the machine goes back after 30 s idle):
 #
-#   1. the round profile at c = 1 (benchmarks/gpu_round_profile.py; the GPU alone);
+#   1. the round profile at c = 1 (benchmarks/gpu_round_profile.py; the GPU alone), then
+#      the tree kernels' timings (benchmarks/tree_kernels_gpu.py);
 #   2. the GPU tests (session.sh tests-bg) and the issue-16 data (gpu.sh data-in: the
 #      committed parts; data-bg: the missing ones, 4 engines) side by side: correctness
 #      and throughput, no timing; the tests run on through the training;
-#   3. the issue-16 training recipe: probe, then the first leg of `big` until DEADLINE
-#      (epoch seconds) less 90 s, the schedule sized for 22 minutes (a later machine
-#      warm-restarts it: gpu.sh big-in + big-bg).
+#   3. the issue-16 training recipe: probe, then `big` until DEADLINE (epoch seconds) less
+#      90 s and EVAL_S, its schedule sized to that leg (a later machine can warm-restart
+#      it: gpu.sh big-in + big-bg); then the new drafter's τ through vLLM (gpu.sh eval).
 #
 #   DEADLINE=$(( $(date +%s) + 1200 )) bash benchmarks/gpu/window.sh start   # after install
 #   bash benchmarks/gpu/window.sh poll [seconds] [what...]   # wait, then copy back results
 #
 # `poll` copies what is ready into $OUT: the profile JSON, the test log, the data (tar pieces
-# + meta) and the drafter's export, each once ("what" picks: profile tests data big).
+# + meta), the drafter's export and its eval ("what" picks: profile kernels tests data big
+# eval).
 set -uo pipefail
 G=/tmp/gpu; L=$G/window; mkdir -p $L
 export OUT_KEEP=$L/out; mkdir -p $OUT_KEEP
@@ -25,15 +27,24 @@ start)
   setsid nohup bash -c '
     set -x
     OUT=$OUT_KEEP bash benchmarks/gpu/session.sh profile > '$L'/profile.log 2>&1
+    python3 benchmarks/tree_kernels_gpu.py --out $OUT_KEEP/tree_kernels_h200.json > '$L'/kernels.log 2>&1
     bash benchmarks/gpu/session.sh tests-bg
     [ -f /tmp/pair/data60k/data.meta.json ] || bash benchmarks/smollm2/gpu.sh data-in
-    GPU_MEM=0.35 bash benchmarks/smollm2/gpu.sh data-bg
+    # 3 shards: the missing parts (2 and 6 of 8) fall to different shards (k % 3).
+    SHARDS=${DATA_SHARDS:-3} GPU_MEM=0.35 bash benchmarks/smollm2/gpu.sh data-bg
     while kill -0 $(cat /tmp/pair/data.pid) 2>/dev/null; do sleep 5; done
     OUT=$OUT_KEEP bash benchmarks/smollm2/gpu.sh probe > '$L'/probe.log 2>&1
-    left=$(( ('$DEADLINE' - $(date +%s) - 90) / 60 ))
+    # The leg ends EVAL_S before the deadline (less 90 s to bring results back), and its
+    # schedule is sized to the leg, so the drafter it exports has finished its schedule.
+    left=$(( ('$DEADLINE' - $(date +%s) - 90 - ${EVAL_S:-210}) / 60 ))
     echo "training leg: $left min"
-    [ $left -ge 2 ] && SKIP_INSTALL=1 bash benchmarks/smollm2/gpu.sh big-bg $left
+    [ $left -ge 2 ] && MINUTES=$left SKIP_INSTALL=1 bash benchmarks/smollm2/gpu.sh big-bg $left
     echo started-big
+    while kill -0 $(cat /tmp/pair/big.pid) 2>/dev/null; do sleep 5; done
+    # τ of the new drafter through vLLM (V2, the plugin; chain at γ 7, T 0 and 1).
+    OUT=$OUT_KEEP SKIP_INSTALL=1 bash benchmarks/smollm2/gpu.sh eval big final \
+      --gpu-memory-utilization 0.3 > '$L'/eval.log 2>&1
+    echo eval-done
   ' > $L/window.log 2>&1 < /dev/null &
   echo $! > $L/window.pid; echo "window started (pid $(cat $L/window.pid))" ;;
 poll)
@@ -47,6 +58,7 @@ poll)
         tests) kill -0 "$(cat $G/tests.pid 2>/dev/null)" 2>/dev/null && ready=0 ;;
         data) kill -0 "$(cat /tmp/pair/data.pid 2>/dev/null)" 2>/dev/null && ready=0 ;;
         big) { [ -f /tmp/pair/big.pid ] && ! kill -0 "$(cat /tmp/pair/big.pid)" 2>/dev/null; } || ready=0 ;;
+        eval) grep -q eval-done $L/window.log || ready=0 ;;
       esac
     done
     [ $ready = 1 ] && break
@@ -60,6 +72,8 @@ poll)
              [ -d $G/failures ] && tar -cf $OUT/gpu_test_failures.tar -C $G failures ;;
       data) bash benchmarks/smollm2/gpu.sh data-wait 1; tail -n 5 /tmp/pair/data.log ;;
       big) bash benchmarks/smollm2/gpu.sh big-wait 1; cp $OUT_KEEP/training_probe.json $OUT/ 2>/dev/null ;;
+      eval) cp $OUT_KEEP/eval_final.json $OUT_KEEP/training_final.json $OUT/ 2>/dev/null; tail -n 20 $L/eval.log ;;
+      kernels) cp $OUT_KEEP/tree_kernels_h200.json $OUT/ 2>/dev/null; tail -n 5 $L/kernels.log ;;
     esac
   done
   nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader ;;
