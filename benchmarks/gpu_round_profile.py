@@ -5,7 +5,8 @@
 
 Each configuration runs in its own process, in-process engine (no worker process, so
 the profiler sees the runner), CUDA graphs on: ``ours`` (the plugin) and ``upstream``
-(plugin disabled), plus ``plain``; ``ours-eager`` / ``upstream-eager`` run without CUDA
+(plugin disabled), plus ``plain``; ``ours-budget`` / ``upstream-adaptive`` verify a
+device-side budget (Algorithm 1 / vLLM's rule); ``ours-eager`` / ``upstream-eager`` run without CUDA
 graphs, where the ``sequential`` range (the Markov loop, sampling and confidences,
 ``_sample_sequential``) shows that stage's share of the draft's GPU time. The runner's
 phases are wrapped in ``record_function`` ranges: ``target`` (execute_model: inputs +
@@ -142,7 +143,10 @@ def main() -> None:
     spec = {"method": "dspark", "model": args.draft, "num_speculative_tokens": args.gamma}
     off = {"VLLM_PLUGINS": "vllm-dspark-disabled"}
     plans = {"plain": (None, off), "upstream": (spec, off), "ours": (spec, {}),
-             "upstream-eager": (spec, off), "ours-eager": (spec, {})}
+             "upstream-eager": (spec, off), "ours-eager": (spec, {}),
+             # The verification budget on the device: vLLM's rule and ours (Algorithm 1).
+             "upstream-adaptive": (dict(spec, enable_adaptive_verification=True), off),
+             "ours-budget": (spec, {"VLLM_DSPARK_SCHEDULER": "causal"})}
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         worker = os.path.join(tmp, "worker.py")

@@ -75,7 +75,7 @@ profile)
   python3 -m pip install -q --no-deps --no-build-isolation --upgrade --target /tmp/site . 2>&1 | grep -v WARNING
   python3 benchmarks/gpu_round_profile.py --target $G/smollm2 --draft models/dspark-smollm2-135m \
     --prompts vllm_dspark/reference_prompts/mt-bench.jsonl --out $OUT/gpu_round_profile_h200.json \
-    --configs plain upstream ours ;;
+    --configs ${PROFILE_CONFIGS:-plain upstream ours ours-budget} ;;
 wait)
   name=$2; limit=${3:-540}; t=0
   while kill -0 "$(cat $G/$name.pid)" 2>/dev/null && [ $t -lt $limit ]; do sleep 5; t=$((t+5)); done
