@@ -124,8 +124,8 @@ data-wait)
   ls -la $OUT/data60k
   ;;
 data-in)
-  # The parts of an earlier machine: committed in benchmarks/smollm2/data (6 of the 8
-  # parts, 2026-12-02, H200), else carried in .gpu/data60k as data-wait brought them back.
+  # The parts of an earlier machine: committed in benchmarks/smollm2/data (all 8 parts,
+  # 2026-12-02/03, H200), else carried in .gpu/data60k as data-wait brought them back.
   mkdir -p $DATA
   if [ -f $CARRY/data60k/data.tar.0 ]; then cat $CARRY/data60k/data.tar.* | tar -xf - -C $DATA
   else cp benchmarks/smollm2/data/data* $DATA/; fi

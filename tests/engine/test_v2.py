@@ -47,16 +47,27 @@ def _run_all(jobs: dict) -> dict:
         return {k: f.result() for k, f in futures.items()}
 
 
+def _longer(job: dict, max_tokens: int) -> dict:
+    job["batches"] = [dict(b, sampling=dict(b["sampling"], max_tokens=max_tokens))
+                      for b in job["batches"]]
+    return job
+
+
 def test_v2_greedy_equivalence_under_preemption(targets, drafter_factory):
-    """A KV cache of ~1 300 tokens (fp32: ~1.5 KiB a token, target + draft) for a batch
-    that needs ~2 600 at once: requests are preempted and recomputed. Its own plain
+    """A KV cache of ~680 tokens (1 MiB; fp32: ~1.5 KiB a token, target + draft; a
+    max_model_len of 400 lets it start) for a first batch that needs ~1 150 at once
+    (577 prompt + 8 × 48 new tokens + the γ slots), all admitted in one step: requests
+    are preempted and recomputed. (2 MiB with the default 64-token step, seen on an H200,
+    never preempted: chunked prefill kept the batch under the cache.) Its own plain
     baseline, side by side (first in this file: a GPU run cut short still has it)."""
     from test_greedy import job
 
     small = _on_v2(job(targets["qwen3"], drafter_factory("qwen3", "rnn", block_size=7), 7),
                    "fixed")
-    small["llm_kwargs"]["kv_cache_memory_bytes"] = 2 << 20
-    res = _run_all({"plain": _on_v2(job(targets["qwen3"])), "small": small})
+    small["llm_kwargs"].update(kv_cache_memory_bytes=1 << 20, max_model_len=400,
+                               max_num_batched_tokens=1024)
+    plain = _longer(_on_v2(job(targets["qwen3"])), 48)
+    res = _run_all({"plain": plain, "small": _longer(small, 48)})
     assert res["small"]["metrics"].get("vllm:num_preemptions", 0) > 0, res["small"]["metrics"]
     assert tokens(res["small"]) == tokens(res["plain"])
 

@@ -110,10 +110,11 @@ else:
         logits[:, :, 500] = 1.0  # ties within the first argmax block (1024 wide) ...
         logits[:, :, 700] = 1.0
         logits[:, :, 1300] = 1.0  # ... and across blocks
-        zero = torch.zeros(7)
-        same(kernel(logits, tree.tokens, tree.parents, admitted, zero),
-             tree_accept_ref(logits, tree.tokens, tree.parents, admitted, zero))
-        got = kernel(logits, tree.tokens, tree.parents, admitted, zero)
+        # On the kernel's device (a CPU tensor given to a CUDA launch is refused).
+        args = [x.to(DEVICE) for x in (logits, tree.tokens, tree.parents, admitted,
+                                       torch.zeros(7))]
+        same(kernel(*args), tree_accept_ref(*args))
+        got = kernel(*args)
         assert bool((got.tokens[got.tokens >= 0] == 500).all())
 
     def test_kernel_empty_batch(kernel):
