@@ -107,7 +107,7 @@ def test_bad_inputs_are_refused():
 if not RUN_KERNEL:
 
     def test_in_triton_interpreter():
-        all_kernel_tests = r"5 passed, \d+ deselected(, \d+ warnings?)? in "
+        all_kernel_tests = r"6 passed, \d+ deselected(, \d+ warnings?)? in "
         run_in_triton_interpreter(__file__, "kernel_", all_kernel_tests, one_thread=True)
 
 else:
@@ -120,17 +120,20 @@ else:
         return tree_attention_triton
 
     # head_dim 12 (under a power of two) and 64; block sizes 16 and 5 (keys of one tile
-    # spanning blocks); MHA and GQA; contexts over several tiles of 32 keys
+    # spanning blocks); MHA, GQA and MQA; contexts over several tiles of 64 keys; a tree
+    # whose (row, grouped head) pairs fill several query tiles (33 rows × 4 heads = 132 >
+    # 64), the last one partly; input checks skipped (the graphed path)
     SHAPES = [dict(), dict(d=64, kv_heads=4), dict(block_size=5, kv_heads=1),
-              dict(max_ctx=100, m=17, r=3)]
+              dict(max_ctx=150, m=17, r=3), dict(m=33, heads=8, kv_heads=2, max_ctx=70)]
 
-    @pytest.mark.parametrize("shape", SHAPES, ids=["gqa-d12", "mha-d64", "mqa-bs5", "long"])
+    @pytest.mark.parametrize("shape", SHAPES,
+                             ids=["gqa-d12", "mha-d64", "mqa-bs5", "long", "tiles"])
     def test_kernel_equals_reference(kernel, shape):
         for seed in range(2):
             args, _ = case(seed, **shape)
             args = {k: v.to(DEVICE) if torch.is_tensor(v) else v for k, v in args.items()}
-            torch.testing.assert_close(kernel(**args), tree_attention_ref(**args),
-                                       atol=2e-5, rtol=2e-5)
+            torch.testing.assert_close(kernel(**args, check=bool(seed)),
+                                       tree_attention_ref(**args), atol=2e-5, rtol=2e-5)
 
     def test_kernel_bfloat16(kernel):
         args, _ = case(3, dtype=torch.bfloat16)
