@@ -1,0 +1,171 @@
+"""Tree decoding over a paged KV cache, end to end and engine-free: a small transformer
+(RoPE, GQA, 2 layers, random weights) verifies draft trees the way an engine's runner
+would (``decode.tree_paged``: pass inputs -> K/V written to slots -> tree attention over
+the paged cache -> acceptance walk -> K/V compaction), several requests packed in one
+pass through shuffled block tables. Its greedy output must equal the same model's dense
+greedy decode token for token, whatever the trees hold (right tokens, wrong ones, side
+branches, nothing admitted); so positions, slots, mask, compaction and the cache stay
+consistent across rounds. On a GPU the kernels run; on CPU their torch references, and
+the same test again in a child under TRITON_INTERPRET=1 (the Triton kernels)."""
+
+import os
+
+import torch
+from checks import run_in_triton_interpreter
+
+from vllm_dspark.decode.tree_paged import commit_tree, tree_pass_inputs
+from vllm_dspark.kernels.tree_accept import tree_accept
+from vllm_dspark.kernels.tree_attention import tree_attention
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+V, D, HEADS, KV_HEADS, HD, LAYERS, BS = 61, 48, 4, 2, 12, 2, 5
+
+
+def rope(x, pos):  # x [T, H, HD], pos [T]
+    half = HD // 2
+    freq = 1.0 / (10000 ** (torch.arange(half, device=x.device) / half))
+    ang = pos.double()[:, None] * freq.double()[None, :]
+    cos, sin = ang.cos()[:, None, :].to(x.dtype), ang.sin()[:, None, :].to(x.dtype)
+    a, b = x[..., :half], x[..., half:]
+    return torch.cat([a * cos - b * sin, a * sin + b * cos], -1)
+
+
+class ToyLM:
+    def __init__(self, seed=0):
+        g = torch.Generator().manual_seed(seed)
+
+        def w(*s):
+            return (torch.randn(*s, generator=g) / s[0] ** 0.5).to(DEVICE)
+        self.emb = w(V, D) * 3
+        self.layers = [dict(q=w(D, HEADS * HD), k=w(D, KV_HEADS * HD), v=w(D, KV_HEADS * HD),
+                            o=w(HEADS * HD, D), up=w(D, 2 * D), down=w(2 * D, D))
+                       for _ in range(LAYERS)]
+        self.head = w(D, V) * 4
+
+    def _qkv(self, x, lw, pos):
+        t = x.shape[0]
+        q = rope((x @ lw["q"]).view(t, HEADS, HD), pos)
+        k = rope((x @ lw["k"]).view(t, KV_HEADS, HD), pos)
+        return q, k, (x @ lw["v"]).view(t, KV_HEADS, HD)
+
+    def _mlp(self, x, lw):
+        return x + torch.tanh(x @ lw["up"]) @ lw["down"]
+
+    def dense_logits(self, ids):
+        """[L] -> [L, V], causal, positions 0.. (the reference)."""
+        x = self.emb[ids]
+        pos = torch.arange(len(ids), device=DEVICE)
+        causal = torch.ones(len(ids), len(ids), dtype=torch.bool, device=DEVICE).tril()
+        for lw in self.layers:
+            q, k, v = self._qkv(x, lw, pos)
+            k = k.repeat_interleave(HEADS // KV_HEADS, 1)
+            v = v.repeat_interleave(HEADS // KV_HEADS, 1)
+            s = torch.einsum("qhd,khd->hqk", q, k) * HD ** -0.5
+            p = s.masked_fill(~causal, float("-inf")).softmax(-1)
+            x = x + torch.einsum("hqk,khd->qhd", p, v).reshape(len(ids), -1) @ lw["o"]
+            x = self._mlp(x, lw)
+        return x @ self.head
+
+    def paged_logits(self, tp, k_caches, v_caches):
+        """One pass: each row's K/V into its slot, then tree attention over the cache."""
+        x = self.emb[tp.input_ids]
+        for lw, kc, vc in zip(self.layers, k_caches, v_caches):
+            q, k, v = self._qkv(x, lw, tp.positions)
+            kc.view(-1, KV_HEADS, HD)[tp.slots] = k
+            vc.view(-1, KV_HEADS, HD)[tp.slots] = v
+            table = self.table
+            att = tree_attention(q, kc, vc, table, tp.context_lens, tp.query_start,
+                                 tp.tree_mask, HD ** -0.5)
+            x = self._mlp(x + att.reshape(x.shape[0], -1) @ lw["o"], lw)
+        return x @ self.head
+
+
+def dense_greedy(model, prompt, new):
+    seq = list(prompt)
+    for _ in range(new):
+        seq.append(int(model.dense_logits(torch.tensor(seq, device=DEVICE))[-1].argmax()))
+    return seq
+
+
+def random_tree(g, truth_next, n, hit):
+    """Nodes in tree order (parents first). A node on the true path carries the true
+    next token with chance ``hit``; other tokens are random (side branches, misses)."""
+    parents, tokens, depth, on_path = [], [], [], []
+    for i in range(n):
+        p = int(torch.randint(-1, i, (), generator=g)) if i else -1
+        d = 1 if p < 0 else depth[p] + 1
+        true_here = (p < 0 or on_path[p]) and d <= len(truth_next)
+        right = true_here and float(torch.rand((), generator=g)) < hit
+        tokens.append(truth_next[d - 1] if right else int(torch.randint(0, V, (), generator=g)))
+        parents.append(p)
+        depth.append(d)
+        on_path.append(right)
+    return tokens, parents, depth
+
+
+def test_paged_tree_decoding_equals_dense_greedy():
+    model = ToyLM()
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, V, (n,), generator=g).tolist() for n in (7, 2, 12)]
+    num_rounds, n_nodes = 12, 9
+    new = num_rounds * (n_nodes + 1)  # the most a request can emit
+    want = [dense_greedy(model, p, new) for p in prompts]
+    r = len(prompts)
+    max_len = max(len(p) for p in prompts) + new + n_nodes + 2
+    per_req = -(-max_len // BS)
+    order = torch.randperm(r * per_req + 3, generator=g)
+    model.table = order[: r * per_req].view(r, per_req).int().to(DEVICE)
+    caches = [(torch.zeros(r * per_req + 3, BS, KV_HEADS, HD, device=DEVICE),
+               torch.zeros(r * per_req + 3, BS, KV_HEADS, HD, device=DEVICE))
+              for _ in range(LAYERS)]
+    kc, vc = [c[0] for c in caches], [c[1] for c in caches]
+    # Prefill every prompt but its last token as one "tree" that is a chain.
+    zero = torch.zeros(r, dtype=torch.long, device=DEVICE)
+    longest = max(len(p) for p in prompts) - 1
+    toks = torch.zeros(r, longest, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        toks[b, : len(p) - 2] = torch.tensor(p[1:-1], dtype=torch.long)
+    chain = torch.arange(-1, longest - 1).expand(r, -1)
+    prefill = tree_pass_inputs(torch.tensor([p[0] for p in prompts]).to(DEVICE),
+                               toks.to(DEVICE), chain.to(DEVICE),
+                               torch.arange(1, longest + 1).expand(r, -1).to(DEVICE),
+                               torch.tensor([len(p) - 2 for p in prompts]).to(DEVICE),
+                               zero, model.table, BS)
+    model.paged_logits(prefill, kc, vc)
+    num_computed = torch.tensor([len(p) - 1 for p in prompts], device=DEVICE)
+    roots = torch.tensor([p[-1] for p in prompts], device=DEVICE)
+    seqs = [list(p) for p in prompts]
+    accepted = 0
+    for rounds in range(num_rounds):
+        trees = [random_tree(g, w[len(s):], n_nodes, hit=0.7) for s, w in zip(seqs, want)]
+        tokens = torch.tensor([t[0] for t in trees], device=DEVICE)
+        parents = torch.tensor([t[1] for t in trees], device=DEVICE)
+        depth = torch.tensor([t[2] for t in trees], device=DEVICE)
+        admitted = torch.tensor([(rounds + b) % (n_nodes + 1) for b in range(r)],
+                                device=DEVICE)  # 0 .. N: nothing admitted, some, all
+        tp = tree_pass_inputs(roots, tokens, parents, depth, admitted, num_computed,
+                              model.table, BS)
+        logits = model.paged_logits(tp, kc, vc)
+        m = n_nodes + 1
+        per_row = torch.zeros(r, m, V, device=DEVICE)
+        for b in range(r):
+            lo, hi = int(tp.query_start[b]), int(tp.query_start[b + 1])
+            per_row[b, : hi - lo] = logits[lo:hi]
+        verdict = tree_accept(per_row, tokens, parents, admitted, torch.zeros(r, device=DEVICE))
+        num_computed, roots = commit_tree(verdict, num_computed, kc, vc, model.table)
+        for b in range(r):
+            k = int(verdict.num_emitted[b])
+            seqs[b] += verdict.tokens[b, :k].tolist()
+        accepted += int(verdict.num_accepted.sum())
+    for s, w in zip(seqs, want):
+        assert s == w[: len(s)]
+    assert num_computed.tolist() == [len(s) - 1 for s in seqs]  # the bonus is the next root
+    assert accepted > num_rounds  # the trees did carry right tokens
+
+
+if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+
+    def test_the_same_through_the_triton_kernels_in_the_interpreter():
+        run_in_triton_interpreter(__file__, "equals_dense_greedy",
+                                  r"1 passed, 1 deselected(, \d+ warnings?)? in ",
+                                  one_thread=True)
