@@ -17,7 +17,12 @@
 # `poll` copies what is ready into $OUT: the profile JSON, the test log, the data (tar pieces
 # + meta), the drafter's export and its eval ("what" picks: profile kernels tests data big
 # eval).
+# Seen (2026-12-03): each profiled configuration costs ~2.3 min (engine start with graph
+# capture), so the profile of 4 configurations alone takes ~9 min — PROFILE=0 / KERNELS=0
+# skip it / the kernel timings. The machine goes back after 30 s without a call: keep a
+# `poll` in flight the whole window (a bare machine starts over from the parts).
 set -uo pipefail
+export PYTHONPATH=/tmp/site:${PYTHONPATH:-} VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONUNBUFFERED=1
 G=/tmp/gpu; L=$G/window; mkdir -p $L
 export OUT_KEEP=$L/out; mkdir -p $OUT_KEEP
 
@@ -26,8 +31,8 @@ start)
   : "${DEADLINE:?set DEADLINE (epoch seconds) for the training leg}"
   setsid nohup bash -c '
     set -x
-    OUT=$OUT_KEEP bash benchmarks/gpu/session.sh profile > '$L'/profile.log 2>&1
-    python3 benchmarks/tree_kernels_gpu.py --out $OUT_KEEP/tree_kernels_h200.json > '$L'/kernels.log 2>&1
+    [ "${PROFILE:-1}" = 1 ] && OUT=$OUT_KEEP bash benchmarks/gpu/session.sh profile > '$L'/profile.log 2>&1
+    [ "${KERNELS:-1}" = 1 ] && python3 benchmarks/tree_kernels_gpu.py --out $OUT_KEEP/tree_kernels_h200.json > '$L'/kernels.log 2>&1
     bash benchmarks/gpu/session.sh tests-bg
     [ -f /tmp/pair/data60k/data.meta.json ] || bash benchmarks/smollm2/gpu.sh data-in
     # 3 shards: the missing parts (2 and 6 of 8) fall to different shards (k % 3).
