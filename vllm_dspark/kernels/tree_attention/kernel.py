@@ -46,6 +46,17 @@ if triton is not None:
         return m_new, l_i, acc
 
     @triton.jit
+    def _kv_tile(k_ptr, v_ptr, row_table_ptr, pos, valid, kvh, offs_d, dmask,
+                 stride_kb, stride_ks, stride_kh, BLOCK_SIZE: tl.constexpr):
+        """K and V [keys, BLOCK_D] of one request's cache positions, through its blocks."""
+        block = tl.load(row_table_ptr + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+        base = block * stride_kb + (pos % BLOCK_SIZE) * stride_ks + kvh * stride_kh
+        kv_mask = valid[:, None] & dmask[None, :]
+        k = tl.load(k_ptr + base[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_ptr + base[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+        return k, v
+
+    @triton.jit
     def _tree_attention_kernel(
         q_ptr, k_ptr, v_ptr, out_ptr, table_ptr, ctx_ptr, start_ptr, mask_ptr,
         scale, D, M,
@@ -76,24 +87,16 @@ if triton is not None:
         for j0 in range(0, ctx, BLOCK_N):
             pos = j0 + tl.arange(0, BLOCK_N)
             valid = pos < ctx
-            block = tl.load(table_ptr + r * stride_tr + pos // BLOCK_SIZE, mask=valid,
-                            other=0).to(tl.int64)
-            base = block * stride_kb + (pos % BLOCK_SIZE) * stride_ks + kvh * stride_kh
-            kv_mask = valid[:, None] & dmask[None, :]
-            k = tl.load(k_ptr + base[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
-            v = tl.load(v_ptr + base[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+            k, v = _kv_tile(k_ptr, v_ptr, table_ptr + r * stride_tr, pos, valid, kvh, offs_d,
+                            dmask, stride_kb, stride_ks, stride_kh, BLOCK_SIZE)
             m_i, l_i, acc = _online_update(q, k, v, valid[None, :], m_i, l_i, acc, scale,
                                            PRECISION, UPCAST)
         # The tree's own rows: a node sees itself, its ancestors and the root.
         col = tl.arange(0, BLOCK_T)
         valid = col < nq
         pos = ctx + col
-        block = tl.load(table_ptr + r * stride_tr + pos // BLOCK_SIZE, mask=valid,
-                        other=0).to(tl.int64)
-        base = block * stride_kb + (pos % BLOCK_SIZE) * stride_ks + kvh * stride_kh
-        kv_mask = valid[:, None] & dmask[None, :]
-        k = tl.load(k_ptr + base[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_ptr + base[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+        k, v = _kv_tile(k_ptr, v_ptr, table_ptr + r * stride_tr, pos, valid, kvh, offs_d,
+                        dmask, stride_kb, stride_ks, stride_kh, BLOCK_SIZE)
         pair_ok = q_ok[:, None] & valid[None, :]
         tree = tl.load(mask_ptr + r * stride_mr + row[:, None] * M + col[None, :],
                        mask=pair_ok, other=0)
