@@ -46,7 +46,7 @@ EVENTS = {"on": False, "pairs": {}}
 def ranged(cls, name, label):
     original = getattr(cls, name)
     def wrapped(*a, **k):
-        timed = EVENTS["on"] and torch.cuda.is_available()
+        timed = EVENTS["on"] and cuda
         if timed:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()

@@ -35,7 +35,8 @@ start)
     [ "${KERNELS:-1}" = 1 ] && python3 benchmarks/tree_kernels_gpu.py --out $OUT_KEEP/tree_kernels_h200.json > '$L'/kernels.log 2>&1
     bash benchmarks/gpu/session.sh tests-bg
     [ -f /tmp/pair/data60k/data.meta.json ] || bash benchmarks/smollm2/gpu.sh data-in
-    # 3 shards: the missing parts (2 and 6 of 8) fall to different shards (k % 3).
+    # The data is complete in the repository (data-bg then finds nothing to write); 3
+    # shards put parts 2 and 6, the two once missing, on different engines (k % 3).
     SHARDS=${DATA_SHARDS:-3} GPU_MEM=0.35 bash benchmarks/smollm2/gpu.sh data-bg
     while kill -0 $(cat /tmp/pair/data.pid) 2>/dev/null; do sleep 5; done
     OUT=$OUT_KEEP bash benchmarks/smollm2/gpu.sh probe > '$L'/probe.log 2>&1

@@ -66,14 +66,13 @@ class ToyLM:
             x = self._mlp(x, lw)
         return x @ self.head
 
-    def paged_logits(self, tp, k_caches, v_caches):
+    def paged_logits(self, tp, table, k_caches, v_caches):
         """One pass: each row's K/V into its slot, then tree attention over the cache."""
         x = self.emb[tp.input_ids]
         for lw, kc, vc in zip(self.layers, k_caches, v_caches):
             q, k, v = self._qkv(x, lw, tp.positions)
             kc.view(-1, KV_HEADS, HD)[tp.slots] = k
             vc.view(-1, KV_HEADS, HD)[tp.slots] = v
-            table = self.table
             att = tree_attention(q, kc, vc, table, tp.context_lens, tp.query_start,
                                  tp.tree_mask, HD ** -0.5)
             x = self._mlp(x + att.reshape(x.shape[0], -1) @ lw["o"], lw)
@@ -114,7 +113,7 @@ def test_paged_tree_decoding_equals_dense_greedy():
     max_len = max(len(p) for p in prompts) + new + n_nodes + 2
     per_req = -(-max_len // BS)
     order = torch.randperm(r * per_req + 3, generator=g)
-    model.table = order[: r * per_req].view(r, per_req).int().to(DEVICE)
+    table = order[: r * per_req].view(r, per_req).int().to(DEVICE)
     caches = [(torch.zeros(r * per_req + 3, BS, KV_HEADS, HD, device=DEVICE),
                torch.zeros(r * per_req + 3, BS, KV_HEADS, HD, device=DEVICE))
               for _ in range(LAYERS)]
@@ -130,8 +129,8 @@ def test_paged_tree_decoding_equals_dense_greedy():
                                toks.to(DEVICE), chain.to(DEVICE),
                                torch.arange(1, longest + 1).expand(r, -1).to(DEVICE),
                                torch.tensor([len(p) - 2 for p in prompts]).to(DEVICE),
-                               zero, model.table, BS)
-    model.paged_logits(prefill, kc, vc)
+                               zero, table, BS)
+    model.paged_logits(prefill, table, kc, vc)
     num_computed = torch.tensor([len(p) - 1 for p in prompts], device=DEVICE)
     roots = torch.tensor([p[-1] for p in prompts], device=DEVICE)
     seqs = [list(p) for p in prompts]
@@ -144,15 +143,15 @@ def test_paged_tree_decoding_equals_dense_greedy():
         admitted = torch.tensor([(rounds + b) % (n_nodes + 1) for b in range(r)],
                                 device=DEVICE)  # 0 .. N: nothing admitted, some, all
         tp = tree_pass_inputs(roots, tokens, parents, depth, admitted, num_computed,
-                              model.table, BS)
-        logits = model.paged_logits(tp, kc, vc)
+                              table, BS)
+        logits = model.paged_logits(tp, table, kc, vc)
         m = n_nodes + 1
         per_row = torch.zeros(r, m, V, device=DEVICE)
         for b in range(r):
             lo, hi = int(tp.query_start[b]), int(tp.query_start[b + 1])
             per_row[b, : hi - lo] = logits[lo:hi]
         verdict = tree_accept(per_row, tokens, parents, admitted, torch.zeros(r, device=DEVICE))
-        num_computed, roots = commit_tree(verdict, num_computed, kc, vc, model.table)
+        num_computed, roots = commit_tree(verdict, num_computed, kc, vc, table)
         for b in range(r):
             k = int(verdict.num_emitted[b])
             seqs[b] += verdict.tokens[b, :k].tolist()

@@ -40,7 +40,6 @@ class TreePass:
     query_start: torch.Tensor  # [R+1] int64: request r's rows are query_start[r]..[r+1]
     context_lens: torch.Tensor  # [R] int64: tokens already in the cache (num_computed)
     tree_mask: torch.Tensor  # [R, N+1, N+1] bool: row may attend to column
-    rows: torch.Tensor  # [R] int64: 1 + admitted nodes
 
 
 def tree_pass_inputs(roots: torch.Tensor,  # [R] the tokens to verify from (not cached yet)
@@ -65,7 +64,7 @@ def tree_pass_inputs(roots: torch.Tensor,  # [R] the tokens to verify from (not 
     start = torch.zeros(r + 1, dtype=torch.long, device=dev)
     start[1:] = rows.cumsum(0)
     return TreePass(ids[live], pos[live], slots[live], start, num_computed.long(),
-                    ancestor_mask(parents), rows)
+                    ancestor_mask(parents))
 
 
 def commit_tree(verdict: TreeVerdict, num_computed: torch.Tensor, k_caches, v_caches,
