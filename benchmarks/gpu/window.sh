@@ -9,14 +9,15 @@
 #      and throughput, no timing; the tests run on through the training;
 #   3. the issue-16 training recipe: probe, then `big` until DEADLINE (epoch seconds) less
 #      90 s and EVAL_S, its schedule sized to that leg (a later machine can warm-restart
-#      it: gpu.sh big-in + big-bg); then the new drafter's τ through vLLM (gpu.sh eval).
+#      it: gpu.sh big-in + big-bg), then the scale table's points at 1/4 and 1/16 of its
+#      steps (gpu.sh scale-fg); then each new drafter's τ through vLLM (gpu.sh eval).
 #
 #   DEADLINE=$(( $(date +%s) + 1200 )) bash benchmarks/gpu/window.sh start   # after install
 #   bash benchmarks/gpu/window.sh poll [seconds] [what...]   # wait, then copy back results
 #
 # `poll` copies what is ready into $OUT: the profile JSON, the test log, the data (tar pieces
 # + meta), the drafter's export and its eval ("what" picks: profile kernels tests data big
-# eval).
+# eval scale).
 # Seen (2026-12-03): each profiled configuration costs ~2.3 min (engine start with graph
 # capture), so the profile of 4 configurations alone takes ~9 min — PROFILE=0 / KERNELS=0
 # skip it / the kernel timings. The machine goes back after 30 s without a call: keep a
@@ -32,7 +33,7 @@ start)
   setsid nohup bash -c '
     set -x
     [ "${PROFILE:-1}" = 1 ] && OUT=$OUT_KEEP bash benchmarks/gpu/session.sh profile > '$L'/profile.log 2>&1
-    [ "${KERNELS:-1}" = 1 ] && python3 benchmarks/tree_kernels_gpu.py --out $OUT_KEEP/tree_kernels_h200.json > '$L'/kernels.log 2>&1
+    [ "${KERNELS:-1}" = 1 ] && timeout 150 python3 benchmarks/tree_kernels_gpu.py --out $OUT_KEEP/tree_kernels_h200.json > '$L'/kernels.log 2>&1
     bash benchmarks/gpu/session.sh tests-bg
     [ -f /tmp/pair/data60k/data.meta.json ] || bash benchmarks/smollm2/gpu.sh data-in
     # The data is complete in the repository (data-bg then finds nothing to write); 3
@@ -40,16 +41,29 @@ start)
     SHARDS=${DATA_SHARDS:-3} GPU_MEM=0.35 bash benchmarks/smollm2/gpu.sh data-bg
     while kill -0 $(cat /tmp/pair/data.pid) 2>/dev/null; do sleep 5; done
     OUT=$OUT_KEEP bash benchmarks/smollm2/gpu.sh probe > '$L'/probe.log 2>&1
-    # The leg ends EVAL_S before the deadline (less 90 s to bring results back), and its
-    # schedule is sized to the leg, so the drafter it exports has finished its schedule.
-    left=$(( ('$DEADLINE' - $(date +%s) - 90 - ${EVAL_S:-210}) / 60 ))
-    echo "training leg: $left min"
-    [ $left -ge 2 ] && MINUTES=$left SKIP_INSTALL=1 bash benchmarks/smollm2/gpu.sh big-bg $left
-    echo started-big
-    while kill -0 $(cat /tmp/pair/big.pid) 2>/dev/null; do sleep 5; done
-    # τ of the new drafter through vLLM (V2, the plugin; chain at γ 7, T 0 and 1).
-    OUT=$OUT_KEEP SKIP_INSTALL=1 bash benchmarks/smollm2/gpu.sh eval big final \
-      --gpu-memory-utilization 0.3 > '$L'/eval.log 2>&1
+    # The leg ends EVAL_S before the deadline (less 90 s to bring results back). It holds
+    # `big` and the two smaller points of the scale table (the same recipe at 1/4 and 1/16
+    # of its steps, own schedules), one after the other: the steps of big are sized so all
+    # three finish their schedules in the leg at the probed speed (1 + 1/4 + 1/16).
+    leg=$(( '$DEADLINE' - $(date +%s) - 90 - ${EVAL_S:-210} ))
+    steps=$(python3 -c "import json; t=json.load(open(\"/tmp/pair/probe/training.json\"))[\"throughput\"]; print(int(t[\"steps_per_s\"] * $leg * 0.93 / 1.3125))")
+    echo "training leg: $leg s, big: $steps steps"
+    if [ $leg -ge 120 ]; then
+      STEPS=$steps SKIP_INSTALL=1 bash benchmarks/smollm2/gpu.sh big-bg $(( leg / 60 + 1 ))
+      echo started-big
+      while kill -0 $(cat /tmp/pair/big.pid) 2>/dev/null; do sleep 5; done
+      SKIP_INSTALL=1 bash benchmarks/smollm2/gpu.sh scale-fg $steps
+      echo scale-done
+    fi
+    # τ of each new drafter through vLLM (V2, the plugin; chain at γ 7, T 0 and 1), side
+    # by side (three engines, 0.28 of the GPU each).
+    for pair in big:final SEQ4:seq4 SEQ16:seq16; do
+      [ -f /tmp/pair/${pair%%:*}/model.safetensors ] || continue
+      OUT=$OUT_KEEP SKIP_INSTALL=1 bash benchmarks/smollm2/gpu.sh eval ${pair%%:*} ${pair##*:} \
+        --gpu-memory-utilization 0.28 > '$L'/eval_${pair##*:}.log 2>&1 &
+      sleep 3
+    done
+    wait
     echo eval-done
   ' > $L/window.log 2>&1 < /dev/null &
   echo $! > $L/window.pid; echo "window started (pid $(cat $L/window.pid))" ;;
@@ -78,7 +92,8 @@ poll)
              [ -d $G/failures ] && tar -cf $OUT/gpu_test_failures.tar -C $G failures ;;
       data) bash benchmarks/smollm2/gpu.sh data-wait 1; tail -n 5 /tmp/pair/data.log ;;
       big) bash benchmarks/smollm2/gpu.sh big-wait 1; cp $OUT_KEEP/training_probe.json $OUT/ 2>/dev/null ;;
-      eval) cp $OUT_KEEP/eval_final.json $OUT_KEEP/training_final.json $OUT/ 2>/dev/null; tail -n 20 $L/eval.log ;;
+      eval) cp $OUT_KEEP/eval_*.json $OUT_KEEP/training_*.json $OUT/ 2>/dev/null; tail -n 6 $L/eval_*.log ;;
+      scale) for d in 4 16; do tail -n 2 /tmp/pair/SEQ$d.log | tr '\r' '\n' | tail -n 2; done ;;
       kernels) cp $OUT_KEEP/tree_kernels_h200.json $OUT/ 2>/dev/null; tail -n 5 $L/kernels.log ;;
     esac
   done

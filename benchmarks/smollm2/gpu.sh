@@ -143,7 +143,9 @@ probe)
 big-bg)
   # The recipe for MINUTES (22) of training at the probed speed; after big-in (a warm
   # restart on a new machine) the steps of the carried training.json are kept.
-  if [ -f $P/big/training.json ]; then
+  if [ -n "${STEPS:-}" ]; then
+    steps=$STEPS  # sized by the caller (window.sh: the leg shared with the scale points)
+  elif [ -f $P/big/training.json ]; then
     steps=$(python3 -c "import json; print(json.load(open('$P/big/training.json'))['steps'])")
   else
     steps=$(python3 -c "import json; t=json.load(open('$P/probe/training.json'))['throughput']; print(int(t['steps_per_s']*60*$MINUTES*0.95))")
@@ -180,6 +182,18 @@ variants-bg)
       $RECIPE --steps "$steps" --max-minutes "${VMIN:-9}" $extra > $P/$name.log 2>&1 < /dev/null &
     echo $! > $P/$name.pid
     sleep 2
+  done
+  ;;
+scale-fg)
+  # scale-fg STEPS: the scale table's smaller points, the recipe with its own schedule at
+  # STEPS/4 and STEPS/16 (SEQ4, SEQ16: ≥ 10× apart with `big` at STEPS), one after the
+  # other in the foreground (each as big: the GPU is busy with one), warm-up scaled down.
+  s=$2
+  for d in 4 16; do
+    n=$(( s / d )); w=$(( n / 10 < 200 ? n / 10 : 200 ))
+    # shellcheck disable=SC2086
+    python3 -m vllm_dspark.cli train --target $TGT --out $P/SEQ$d --data $DATA $DATA_PLAN \
+      $RECIPE --steps $n --warmup $w --max-minutes "${VMIN:-9}" > $P/SEQ$d.log 2>&1 < /dev/null
   done
   ;;
 variants-wait)
