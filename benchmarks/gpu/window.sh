@@ -33,7 +33,7 @@ start)
   setsid nohup bash -c '
     set -x
     [ "${PROFILE:-1}" = 1 ] && OUT=$OUT_KEEP bash benchmarks/gpu/session.sh profile > '$L'/profile.log 2>&1
-    [ "${KERNELS:-1}" = 1 ] && timeout 150 python3 benchmarks/tree_kernels_gpu.py --out $OUT_KEEP/tree_kernels_h200.json > '$L'/kernels.log 2>&1
+    [ "${KERNELS:-1}" = 1 ] && timeout 150 python3 benchmarks/tree_kernels_gpu.py --reps 20 --out $OUT_KEEP/tree_kernels_h200.json > '$L'/kernels.log 2>&1
     bash benchmarks/gpu/session.sh tests-bg
     [ -f /tmp/pair/data60k/data.meta.json ] || bash benchmarks/smollm2/gpu.sh data-in
     # The data is complete in the repository (data-bg then finds nothing to write); 3
