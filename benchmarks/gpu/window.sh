@@ -22,6 +22,10 @@
 # capture), so the profile of 4 configurations alone takes ~9 min — PROFILE=0 / KERNELS=0
 # skip it / the kernel timings. The machine goes back after 30 s without a call: keep a
 # `poll` in flight the whole window (a bare machine starts over from the parts).
+# Seen (2026-12-03 evening): a pause on this side longer than 30 s between calls (here an
+# interrupted turn) loses the machine and everything on it — the `big` run of that window
+# had finished (1053 steps) and was lost before `poll big` brought it back. Bring `big`
+# back the moment it finishes (poll 1 big), before waiting on the scale points.
 set -uo pipefail
 export PYTHONPATH=/tmp/site:${PYTHONPATH:-} VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONUNBUFFERED=1
 G=/tmp/gpu; L=$G/window; mkdir -p $L
@@ -40,7 +44,14 @@ start)
     # shards put parts 2 and 6, the two once missing, on different engines (k % 3).
     SHARDS=${DATA_SHARDS:-3} GPU_MEM=0.35 bash benchmarks/smollm2/gpu.sh data-bg
     while kill -0 $(cat /tmp/pair/data.pid) 2>/dev/null; do sleep 5; done
-    OUT=$OUT_KEEP bash benchmarks/smollm2/gpu.sh probe > '$L'/probe.log 2>&1
+    # PROBE_SPS (steps/s, measured before) skips the probe: 1.671 at the recipe on an
+    # H200 (2026-12-03 evening, GPU tests beside it; peak 47 GB).
+    if [ -n "${PROBE_SPS:-}" ]; then
+      mkdir -p /tmp/pair/probe
+      echo "{\"throughput\": {\"steps_per_s\": $PROBE_SPS}}" > /tmp/pair/probe/training.json
+    else
+      OUT=$OUT_KEEP bash benchmarks/smollm2/gpu.sh probe > '$L'/probe.log 2>&1
+    fi
     # The leg ends EVAL_S before the deadline (less 90 s to bring results back). It holds
     # `big` and the two smaller points of the scale table (the same recipe at 1/4 and 1/16
     # of its steps, own schedules), one after the other: the steps of big are sized so all
