@@ -89,6 +89,9 @@ def attention_rows(args, g):
                     row["ours_kernel_ms"] = timed(functools.partial(ours, check=False),
                                                   args.reps)
                     row["ours_kernel_over_fa"] = row["ours_kernel_ms"] / row["fa_ms"]
+                    # The single-pass kernel (no context split), as timed before splits.
+                    row["ours_1split_kernel_ms"] = timed(
+                        functools.partial(ours, check=False, splits=1), args.reps)
                     print(json.dumps(row), flush=True)
                     rows.append(row)
     return rows

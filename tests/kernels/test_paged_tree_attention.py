@@ -107,7 +107,7 @@ def test_bad_inputs_are_refused():
 if not RUN_KERNEL:
 
     def test_in_triton_interpreter():
-        all_kernel_tests = r"6 passed, \d+ deselected(, \d+ warnings?)? in "
+        all_kernel_tests = r"8 passed, \d+ deselected(, \d+ warnings?)? in "
         run_in_triton_interpreter(__file__, "kernel_", all_kernel_tests, one_thread=True)
 
 else:
@@ -134,6 +134,23 @@ else:
             args = {k: v.to(DEVICE) if torch.is_tensor(v) else v for k, v in args.items()}
             torch.testing.assert_close(kernel(**args, check=bool(seed)),
                                        tree_attention_ref(**args), atol=2e-5, rtol=2e-5)
+
+    @pytest.mark.parametrize("splits", [2, 5])
+    def test_kernel_context_splits(kernel, splits):
+        """The context split over programs (flash-decoding), merged afterwards: equal to
+        the reference, also where a split gets no context (short or empty contexts) and
+        for bfloat16 inputs (the partials stay float32)."""
+        for seed, shape in enumerate([dict(max_ctx=150, m=17, r=3), dict(), dict(kv_heads=1)]):
+            args, _ = case(seed, **shape)
+            args = {k: v.to(DEVICE) if torch.is_tensor(v) else v for k, v in args.items()}
+            torch.testing.assert_close(kernel(**args, splits=splits),
+                                       tree_attention_ref(**args), atol=2e-5, rtol=2e-5)
+        args, _ = case(4, max_ctx=130, dtype=torch.bfloat16)
+        args = {k: v.to(DEVICE) if torch.is_tensor(v) else v for k, v in args.items()}
+        torch.testing.assert_close(kernel(**args, splits=splits).float(),
+                                   tree_attention_ref(**args).float(), atol=2e-2, rtol=2e-2)
+        with pytest.raises(ValueError, match="splits must be at least 1"):
+            kernel(**args, splits=0)
 
     def test_kernel_bfloat16(kernel):
         args, _ = case(3, dtype=torch.bfloat16)

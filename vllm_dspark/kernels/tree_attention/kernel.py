@@ -7,7 +7,11 @@ FlashAttention does. (The first version ran one program per query row and head; 
 H200 it was 5–90× slower than vLLM's FlashAttention, ``benchmarks/README.md``.) The keys
 come in two phases: the cached context, in tiles of ``BLOCK_N`` positions read through
 the block table, always visible; then the tree's own rows (positions ctx + j, j < M) in
-one tile of ``BLOCK_T``, visible where the request's ``tree_mask`` row allows. Online
+one tile of ``BLOCK_T``, visible where the request's ``tree_mask`` row allows. With few
+requests that grid is a handful of programs on a GPU of 132 SMs (R = 1, 3 KV heads: 3),
+so the context is split as flash-decoding does: ``splits`` programs per tile each take a
+slice of the context (the last one also the tree rows) and write their unnormalised
+partial softmax to a float32 workspace, which ``_combine_kernel`` merges. Online
 softmax in float32; the running max starts finite, so a tile that the mask empties adds
 nothing instead of a NaN. float32 inputs are multiplied in IEEE precision (no TF32), so
 the kernel matches the reference to float32 rounding.
@@ -27,6 +31,10 @@ except ImportError:  # the torch reference still works
 
 BLOCK_N = 64  # context key positions per tile
 MAX_BLOCK_Q = 64  # (query row, grouped head) pairs per program
+# Context splits (auto): enough programs to occupy a large GPU, at most MAX_SPLITS, and
+# never more than the block table's capacity has tiles of context.
+TARGET_PROGRAMS = 256
+MAX_SPLITS = 16
 
 if triton is not None:
 
@@ -65,10 +73,12 @@ if triton is not None:
         GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
         PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+        m_ws_ptr, l_ws_ptr, acc_ws_ptr, T, H, SPLITS: tl.constexpr,
     ):
         r = tl.program_id(0).to(tl.int64)
         kvh = tl.program_id(1).to(tl.int64)
-        tile = tl.program_id(2).to(tl.int64)
+        tile = tl.program_id(2).to(tl.int64) // SPLITS
+        split = tl.program_id(2) % SPLITS
         lo = tl.load(start_ptr + r)
         nq = tl.load(start_ptr + r + 1) - lo
         ctx = tl.load(ctx_ptr + r)
@@ -83,17 +93,20 @@ if triton is not None:
         m_i = tl.full([BLOCK_Q], -1.0e30, tl.float32)
         l_i = tl.zeros([BLOCK_Q], tl.float32)
         acc = tl.zeros([BLOCK_Q, BLOCK_D], dtype=tl.float32)
-        # The cached context: visible to every query row.
-        for j0 in range(0, ctx, BLOCK_N):
+        # The cached context, this split's slice of it (whole tiles): visible to every row.
+        chunk = tl.cdiv(tl.cdiv(ctx, SPLITS), BLOCK_N) * BLOCK_N
+        begin = split * chunk
+        end = tl.minimum(begin + chunk, ctx)
+        for j0 in range(begin, end, BLOCK_N):
             pos = j0 + tl.arange(0, BLOCK_N)
-            valid = pos < ctx
+            valid = pos < end
             k, v = _kv_tile(k_ptr, v_ptr, table_ptr + r * stride_tr, pos, valid, kvh, offs_d,
                             dmask, stride_kb, stride_ks, stride_kh, BLOCK_SIZE)
             m_i, l_i, acc = _online_update(q, k, v, valid[None, :], m_i, l_i, acc, scale,
                                            PRECISION, UPCAST)
-        # The tree's own rows: a node sees itself, its ancestors and the root.
+        # The tree's own rows (the last split's): a node sees itself, its ancestors, the root.
         col = tl.arange(0, BLOCK_T)
-        valid = col < nq
+        valid = col < tl.where(split == SPLITS - 1, nq, 0)
         pos = ctx + col
         k, v = _kv_tile(k_ptr, v_ptr, table_ptr + r * stride_tr, pos, valid, kvh, offs_d,
                         dmask, stride_kb, stride_ks, stride_kh, BLOCK_SIZE)
@@ -102,10 +115,38 @@ if triton is not None:
                        mask=pair_ok, other=0)
         m_i, l_i, acc = _online_update(q, k, v, pair_ok & (tree != 0), m_i, l_i, acc, scale,
                                        PRECISION, UPCAST)
-        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-        tl.store(out_ptr + (lo + row)[:, None] * stride_ot + head[:, None] * stride_oh
-                 + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
-                 mask=q_ok[:, None] & dmask[None, :])
+        if SPLITS == 1:
+            out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+            tl.store(out_ptr + (lo + row)[:, None] * stride_ot + head[:, None] * stride_oh
+                     + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
+                     mask=q_ok[:, None] & dmask[None, :])
+        else:  # the partial softmax of this split, merged by _combine_kernel
+            at = (split * T + lo + row) * H + head  # [SPLITS, T, H] flat
+            tl.store(m_ws_ptr + at, m_i, mask=q_ok)
+            tl.store(l_ws_ptr + at, l_i, mask=q_ok)
+            tl.store(acc_ws_ptr + at[:, None] * D + offs_d[None, :], acc,
+                     mask=q_ok[:, None] & dmask[None, :])
+
+    @triton.jit
+    def _combine_kernel(m_ws_ptr, l_ws_ptr, acc_ws_ptr, out_ptr, T, H, D, stride_ot,
+                        stride_oh, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
+                        BLOCK_D: tl.constexpr):
+        """out[t, h] = Σ_s e^{m_s − m} acc_s / Σ_s e^{m_s − m} l_s over the splits."""
+        t = tl.program_id(0).to(tl.int64)
+        h = tl.program_id(1).to(tl.int64)
+        offs_s = tl.arange(0, BLOCK_S)
+        offs_d = tl.arange(0, BLOCK_D)
+        s_ok = offs_s < SPLITS
+        at = (offs_s * T + t) * H + h
+        m_s = tl.load(m_ws_ptr + at, mask=s_ok, other=-1.0e30)
+        l_s = tl.load(l_ws_ptr + at, mask=s_ok, other=0.0)
+        acc = tl.load(acc_ws_ptr + at[:, None] * D + offs_d[None, :],
+                      mask=s_ok[:, None] & (offs_d < D)[None, :], other=0.0)
+        w = tl.exp(m_s - tl.max(m_s, axis=0))  # an empty split: m_s = -1e30, w = 0
+        den = tl.sum(w * l_s, axis=0)
+        out = tl.sum(w[:, None] * acc, axis=0) / tl.where(den > 0, den, 1.0)
+        tl.store(out_ptr + t * stride_ot + h * stride_oh + offs_d, out.to(
+            out_ptr.dtype.element_ty), mask=offs_d < D)
 
 
 def _interpreted() -> bool:
@@ -121,9 +162,12 @@ def available(device: torch.device) -> bool:
 
 @torch.no_grad()
 def tree_attention_triton(q, k_cache, v_cache, block_table, context_lens, query_start,
-                          tree_mask, scale: float, check: bool = True) -> torch.Tensor:
+                          tree_mask, scale: float, check: bool = True,
+                          splits: int | None = None) -> torch.Tensor:
     """Same contract as ``ref.tree_attention_ref``. ``check=False`` skips the input
-    checks, which read a few values back to the host (an engine's graphed path)."""
+    checks, which read a few values back to the host (an engine's graphed path).
+    ``splits``: context slices per (request, KV head, tile); None picks it from the
+    shapes alone (no value read back), 1 is the single-pass kernel."""
     if check:
         check_inputs(q, k_cache, v_cache, block_table, context_lens, query_start, tree_mask)
     out = torch.empty_like(q)
@@ -139,7 +183,20 @@ def tree_attention_triton(q, k_cache, v_cache, block_table, context_lens, query_
     mask = mask.contiguous()
     table = block_table.contiguous()
     block_q = max(16, min(MAX_BLOCK_Q, triton.next_power_of_2(m * group)))
-    grid = (table.shape[0], kv_heads, triton.cdiv(m * group, block_q))
+    tiles = triton.cdiv(m * group, block_q)
+    if splits is None:
+        programs = table.shape[0] * kv_heads * tiles
+        ctx_tiles = triton.cdiv(table.shape[1] * k_cache.shape[1], BLOCK_N)
+        splits = max(1, min(MAX_SPLITS, triton.cdiv(TARGET_PROGRAMS, programs), ctx_tiles))
+    if splits < 1:
+        raise ValueError(f"splits must be at least 1, got {splits}")
+    if splits > 1:
+        m_ws = torch.empty(splits, t, heads, dtype=torch.float32, device=q.device)
+        l_ws = torch.empty_like(m_ws)
+        acc_ws = torch.empty(splits, t, heads, d, dtype=torch.float32, device=q.device)
+    else:
+        m_ws = l_ws = acc_ws = out  # not read
+    grid = (table.shape[0], kv_heads, tiles * splits)
     _tree_attention_kernel[grid](
         q, k_cache, v_cache, out, table, context_lens.to(torch.int64).contiguous(),
         query_start.to(torch.int64).contiguous(), mask, float(scale), d, m,
@@ -149,5 +206,11 @@ def tree_attention_triton(q, k_cache, v_cache, block_table, context_lens, query_
         BLOCK_T=max(16, triton.next_power_of_2(m)), BLOCK_D=max(16, triton.next_power_of_2(d)),
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         UPCAST=_interpreted() and q.dtype != torch.float32,
+        m_ws_ptr=m_ws, l_ws_ptr=l_ws, acc_ws_ptr=acc_ws, T=t, H=heads, SPLITS=splits,
     )
+    if splits > 1:
+        _combine_kernel[(t, heads)](
+            m_ws, l_ws, acc_ws, out, t, heads, d, out.stride(0), out.stride(1),
+            SPLITS=splits, BLOCK_S=triton.next_power_of_2(splits),
+            BLOCK_D=max(16, triton.next_power_of_2(d)))
     return out
