@@ -184,6 +184,7 @@ def tree_attention_triton(q, k_cache, v_cache, block_table, context_lens, query_
     table = block_table.contiguous()
     block_q = max(16, min(MAX_BLOCK_Q, triton.next_power_of_2(m * group)))
     tiles = triton.cdiv(m * group, block_q)
+    block_d = max(16, triton.next_power_of_2(d))
     if splits is None:
         programs = table.shape[0] * kv_heads * tiles
         ctx_tiles = triton.cdiv(table.shape[1] * k_cache.shape[1], BLOCK_N)
@@ -203,7 +204,7 @@ def tree_attention_triton(q, k_cache, v_cache, block_table, context_lens, query_
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         table.stride(0), mask.stride(0), out.stride(0), out.stride(1),
         GROUP=group, BLOCK_SIZE=k_cache.shape[1], BLOCK_Q=block_q, BLOCK_N=BLOCK_N,
-        BLOCK_T=max(16, triton.next_power_of_2(m)), BLOCK_D=max(16, triton.next_power_of_2(d)),
+        BLOCK_T=max(16, triton.next_power_of_2(m)), BLOCK_D=block_d,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         UPCAST=_interpreted() and q.dtype != torch.float32,
         m_ws_ptr=m_ws, l_ws_ptr=l_ws, acc_ws_ptr=acc_ws, T=t, H=heads, SPLITS=splits,
@@ -211,6 +212,5 @@ def tree_attention_triton(q, k_cache, v_cache, block_table, context_lens, query_
     if splits > 1:
         _combine_kernel[(t, heads)](
             m_ws, l_ws, acc_ws, out, t, heads, d, out.stride(0), out.stride(1),
-            SPLITS=splits, BLOCK_S=triton.next_power_of_2(splits),
-            BLOCK_D=max(16, triton.next_power_of_2(d)))
+            SPLITS=splits, BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=block_d)
     return out
