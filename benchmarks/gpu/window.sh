@@ -17,7 +17,7 @@
 #
 # `poll` copies what is ready into $OUT: the profile JSON, the test log, the data (tar pieces
 # + meta), the drafter's export and its eval ("what" picks: profile kernels tests data big
-# eval scale).
+# eval trainings scale; `trainings`: the training.json of each evaluated drafter).
 # Seen (2026-12-03): each profiled configuration costs ~2.3 min (engine start with graph
 # capture), so the profile of 4 configurations alone takes ~9 min — PROFILE=0 / KERNELS=0
 # skip it / the kernel timings. The machine goes back after 30 s without a call: keep a
@@ -26,6 +26,14 @@
 # interrupted turn) loses the machine and everything on it — the `big` run of that window
 # had finished (1053 steps) and was lost before `poll big` brought it back. Bring `big`
 # back the moment it finishes (poll 1 big), before waiting on the scale points.
+# Seen (2026-12-04): the recipe alone runs at 3.53 steps/s (the 1.671 probe had the GPU
+# tests beside it), so `big` sized by PROBE_SPS=1.671 took 6 of the leg's ~19 minutes:
+# size the leg with PROBE_SPS=3.5. Engines beside a 48 GB training run: the GPU tests at
+# gpu_memory_utilization 0.5 failed vLLM's start-up check (free >= utilization x total;
+# they now use 0.12 with a fixed 1 GiB KV cache), and eval engines at 0.1 got a negative
+# KV budget (the profile counts the others' growth): eval runs at 0.2, staggered. One
+# command brings back at most 8 files: `poll eval` copies the eval JSONs, not the
+# training JSONs of the same tags (`poll 1 big` brought big's).
 set -uo pipefail
 export PYTHONPATH=/tmp/site:${PYTHONPATH:-} VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONUNBUFFERED=1
 G=/tmp/gpu; L=$G/window; mkdir -p $L
@@ -37,7 +45,8 @@ start)
   setsid nohup bash -c '
     set -x
     [ "${PROFILE:-1}" = 1 ] && OUT=$OUT_KEEP bash benchmarks/gpu/session.sh profile > '$L'/profile.log 2>&1
-    [ "${KERNELS:-1}" = 1 ] && timeout 150 python3 benchmarks/tree_kernels_gpu.py --reps 20 --out $OUT_KEEP/tree_kernels_h200.json > '$L'/kernels.log 2>&1
+    # KERNEL_ARGS narrows the timing (e.g. the split cases: --requests 1 8), KERNEL_JSON names it.
+    [ "${KERNELS:-1}" = 1 ] && timeout ${KERNELS_S:-150} python3 benchmarks/tree_kernels_gpu.py --reps 20 ${KERNEL_ARGS:-} --out $OUT_KEEP/${KERNEL_JSON:-tree_kernels_h200.json} > '$L'/kernels.log 2>&1
     bash benchmarks/gpu/session.sh tests-bg
     [ -f /tmp/pair/data60k/data.meta.json ] || bash benchmarks/smollm2/gpu.sh data-in
     # The data is complete in the repository (data-bg then finds nothing to write); 3
@@ -67,12 +76,14 @@ start)
       echo scale-done
     fi
     # τ of each new drafter through vLLM (V2, the plugin; chain at γ 7, T 0 and 1), side
-    # by side (three engines, 0.28 of the GPU each).
-    for pair in big:final SEQ4:seq4 SEQ16:seq16; do
+    # by side, and of `big` through upstream vLLM (plugin disabled): four engines at 0.2 of
+    # the GPU each, started 15 s apart (the GPU tests may still hold 0.12 + 1 GiB).
+    for pair in big:final big:final-upstream SEQ4:seq4 SEQ16:seq16; do
       [ -f /tmp/pair/${pair%%:*}/model.safetensors ] || continue
+      up=""; [ "${pair##*-}" = upstream ] && up=--upstream
       OUT=$OUT_KEEP SKIP_INSTALL=1 bash benchmarks/smollm2/gpu.sh eval ${pair%%:*} ${pair##*:} \
-        --gpu-memory-utilization 0.28 > '$L'/eval_${pair##*:}.log 2>&1 &
-      sleep 3
+        --gpu-memory-utilization 0.2 $up > '$L'/eval_${pair##*:}.log 2>&1 &
+      sleep 15
     done
     wait
     echo eval-done
@@ -103,9 +114,10 @@ poll)
              [ -d $G/failures ] && tar -cf $OUT/gpu_test_failures.tar -C $G failures ;;
       data) bash benchmarks/smollm2/gpu.sh data-wait 1; tail -n 5 /tmp/pair/data.log ;;
       big) bash benchmarks/smollm2/gpu.sh big-wait 1; cp $OUT_KEEP/training_probe.json $OUT/ 2>/dev/null ;;
-      eval) cp $OUT_KEEP/eval_*.json $OUT_KEEP/training_*.json $OUT/ 2>/dev/null; tail -n 6 $L/eval_*.log ;;
+      eval) cp $OUT_KEEP/eval_*.json $OUT/ 2>/dev/null; tail -n 6 $L/eval_*.log ;;
+      trainings) cp $OUT_KEEP/training_*.json $OUT/ 2>/dev/null; ls $OUT_KEEP ;;
       scale) for d in 4 16; do tail -n 2 /tmp/pair/SEQ$d.log | tr '\r' '\n' | tail -n 2; done ;;
-      kernels) cp $OUT_KEEP/tree_kernels_h200.json $OUT/ 2>/dev/null; tail -n 5 $L/kernels.log ;;
+      kernels) cp $OUT_KEEP/tree_kernels_*.json $L/kernels.log $OUT/ 2>/dev/null; tail -n 5 $L/kernels.log ;;
     esac
   done
   nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader ;;

@@ -39,8 +39,10 @@ def test_graphed_decider_in_a_served_gpu_engine(corrupted_oracle_pair, tmp_path,
     prompts = [[rng.randrange(3, 300) for _ in range(10)] for _ in range(8)]
     batches = [{"prompts": prompts,
                 "sampling": {"temperature": 0.0, "max_tokens": 40, "ignore_eos": True}}]
+    # Tiny models, a fixed 1 GiB KV cache: the utilization is then only vLLM's start-up
+    # check, kept small so the engines start beside other work (see test_v2.GPU).
     llm_kwargs = {"enforce_eager": eager, "async_scheduling": False,
-                  "gpu_memory_utilization": 0.3}  # tiny models; leaves room for others
+                  "gpu_memory_utilization": 0.12, "kv_cache_memory_bytes": 1 << 30}
     base = run_job({"target": target, "batches": batches, "env": V1, "llm_kwargs": llm_kwargs})
     table = sps_table(tmp_path / "s.json", 16.0) if sps == "table" else "profile"
     env = dict(V1, VLLM_DSPARK_SCHEDULER="causal", VLLM_DSPARK_DRAFT_COST="0",
@@ -67,7 +69,8 @@ def _greedy_jobs(targets, drafter_factory, tmp_path, env, family="qwen3"):
     result and trace of the dspark engine."""
     from test_greedy import job
 
-    gpu = {"async_scheduling": False, "gpu_memory_utilization": 0.3}
+    gpu = {"async_scheduling": False, "gpu_memory_utilization": 0.12,
+           "kv_cache_memory_bytes": 1 << 30}
     base = job(targets[family])
     base["env"] = V1
     base["llm_kwargs"].update(gpu)

@@ -27,7 +27,11 @@ pytestmark = [requires_vllm, pytest.mark.engine, pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 V2 = {"VLLM_USE_V2_MODEL_RUNNER": "1"}
-GPU = {"enforce_eager": False, "gpu_memory_utilization": 0.5,
+# A fixed 1 GiB KV cache: with kv_cache_memory_bytes set, vLLM 0.32 uses the utilization
+# only for its start-up check (free memory >= utilization x total), so a small one lets
+# these tiny engines start beside other work on the GPU (0.5 failed that check 14 times
+# beside a 48 GB training run, benchmarks/results/gpu_tests_v2_h200_2026-12-04.log).
+GPU = {"enforce_eager": False, "gpu_memory_utilization": 0.12,
        "kv_cache_memory_bytes": 1 << 30}
 CASES = [("qwen3", "vanilla", "fixed"), ("qwen3", "gated", "causal"), ("qwen3", "rnn", "async"),
          ("llama", "rnn", "fixed"), ("llama", "vanilla", "causal"), ("llama", "gated", "async")]
@@ -73,7 +77,8 @@ def test_v2_greedy_equivalence_under_preemption(targets, drafter_factory):
 
 
 def test_v2_smollm2_pair_greedy_equals_plain(smollm2_target):
-    """The real pair (committed drafter, STS temperatures, confidence head) in float32,
+    """The real pair (committed drafter, confidence head; no STS temperatures since
+    2026-12-04) in float32,
     8 chat prompts × 96 tokens at up to 4 requests a step, with upstream's speculator on
     the same weights as a control. (At 16 requests a step this failed on an H200 in the
     first token of a request; the sweep's bf16 runs showed upstream's outputs departing

@@ -32,9 +32,14 @@ except ImportError:  # the torch reference still works
 BLOCK_N = 64  # context key positions per tile
 MAX_BLOCK_Q = 64  # (query row, grouped head) pairs per program
 # Context splits (auto): enough programs to occupy a large GPU, at most MAX_SPLITS, and
-# never more than the block table's capacity has tiles of context.
+# at least MIN_SPLIT_TILES context tiles per split. Measured on an H200 (2026-12-04,
+# benchmarks/README.md): with one split per ≤ 2 tiles, 1–8 requests and contexts of 512
+# and 2048, the split kernel plus its combine took 0.95–1.52× the single pass (the
+# combine's launch and workspace traffic outweigh the idle SMs at ~0.1 ms a call), so a
+# context of 32 tiles (2048 positions) still runs in one pass; longer ones split.
 TARGET_PROGRAMS = 256
 MAX_SPLITS = 16
+MIN_SPLIT_TILES = 32
 
 if triton is not None:
 
@@ -188,7 +193,8 @@ def tree_attention_triton(q, k_cache, v_cache, block_table, context_lens, query_
     if splits is None:
         programs = table.shape[0] * kv_heads * tiles
         ctx_tiles = triton.cdiv(table.shape[1] * k_cache.shape[1], BLOCK_N)
-        splits = max(1, min(MAX_SPLITS, triton.cdiv(TARGET_PROGRAMS, programs), ctx_tiles))
+        splits = max(1, min(MAX_SPLITS, triton.cdiv(TARGET_PROGRAMS, programs),
+                            ctx_tiles // MIN_SPLIT_TILES))
     if splits < 1:
         raise ValueError(f"splits must be at least 1, got {splits}")
     if splits > 1:
