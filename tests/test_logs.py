@@ -84,7 +84,10 @@ def test_setup_is_idempotent():
 # --------------------------------------------------------------------------- start-up line
 def test_the_start_up_line_says_what_was_chosen(tmp_path, monkeypatch):
     monkeypatch.setenv("VLLM_DSPARK_CACHE", str(tmp_path))
-    cfg = DSparkConfig.from_dir(DRAFT)
+    committed = DSparkConfig.from_dir(DRAFT)  # ships without STS temperatures (2026-12-04)
+    assert "STS off (no dspark_sts_temperatures)" in logs.describe_choice(
+        "V1", committed, gamma=7, **logs.choice_from_settings(read_settings(committed, {})))
+    cfg = DSparkConfig.from_dict({**committed.raw, "dspark_sts_temperatures": [1.5] * 7})
     text = logs.describe_choice("V1", cfg, gamma=7, draft_sample_method="probabilistic",
                                 **logs.choice_from_settings(read_settings(cfg, {})))
     assert text == (

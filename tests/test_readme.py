@@ -182,10 +182,26 @@ def test_quickstart(user):
     assert re.search(r"τ = [0-9.]+", out), out
     for engine in ("without", "with"):
         assert re.search(rf"{engine} dspark: +[0-9.]+ tokens/s", out), out
-    # The committed drafter is accepted (a random one gives ~0). τ would not say so: the
-    # default draft gate skips drafting where it does not pay (4 requests on 2 cores).
+    assert re.search(r"acceptance rate: [0-9.]+ of [0-9]+ verified", out), out
+
+
+def test_quickstart_drafter_is_accepted(user):
+    """The committed drafter is accepted, measured where the draft gate cannot hide it.
+    With the defaults the gate decides from measured step times whether to draft at all
+    (on the loaded 2-core box it once left 19 verified tokens, 937461c), so the count
+    behind the default run's acceptance rate is timing-dependent. Here the same command
+    drafts and verifies all γ every step (`VLLM_DSPARK_DRAFT_COST=0`, `fixed`): τ is the
+    chain's, ~1.0 for a random drafter; the committed one measured 1.53 on this box with
+    its first weights (benchmarks/README.md, CPU quickstart)."""
+    repo, env, timings = user
+    quick = commands(bash_blocks(section("## Quickstart (the main job)"))[0])[1]
+    pinned = dict(env, VLLM_DSPARK_DRAFT_COST="0", VLLM_DSPARK_SCHEDULER="fixed")
+    out = timings.run("quickstart, all drafts verified", quick, repo, pinned, 1500).stdout
+    assert "identical texts: 4/4" in out, out
+    tau = float(re.search(r"τ = ([0-9.]+)", out).group(1))
     rate, verified = re.search(r"acceptance rate: ([0-9.]+) of ([0-9]+)", out).groups()
-    assert int(verified) >= 20 and float(rate) > 0.2, out
+    assert int(verified) >= 200, out  # 4 requests × ≥ 10 steps × γ 7
+    assert tau >= 1.3 and float(rate) > 0.04, out
 
 
 def test_server_chat_and_metrics(user, tmp_path):
