@@ -84,10 +84,7 @@ def test_setup_is_idempotent():
 # --------------------------------------------------------------------------- start-up line
 def test_the_start_up_line_says_what_was_chosen(tmp_path, monkeypatch):
     monkeypatch.setenv("VLLM_DSPARK_CACHE", str(tmp_path))
-    committed = DSparkConfig.from_dir(DRAFT)  # ships without STS temperatures (2026-12-04)
-    assert "STS off (no dspark_sts_temperatures)" in logs.describe_choice(
-        "V1", committed, gamma=7, **logs.choice_from_settings(read_settings(committed, {})))
-    cfg = DSparkConfig.from_dict({**committed.raw, "dspark_sts_temperatures": [1.5] * 7})
+    cfg = DSparkConfig.from_dir(DRAFT)
     text = logs.describe_choice("V1", cfg, gamma=7, draft_sample_method="probabilistic",
                                 **logs.choice_from_settings(read_settings(cfg, {})))
     assert text == (
@@ -104,6 +101,9 @@ def test_the_start_up_line_says_what_was_chosen(tmp_path, monkeypatch):
     assert paper == {"scheduler": "async", "sps": "from /t/sps.json (VLLM_DSPARK_SPS)",
                      "gate": False}
 
+    raw = DSparkConfig.from_dict({**cfg.raw, "dspark_sts_temperatures": None})
+    assert "STS off (no dspark_sts_temperatures)" in logs.describe_choice(
+        "V1", raw, gamma=7, scheduler="causal")
     plain = DSparkConfig.from_dict({**cfg.raw, "markov_rank": 0, "enable_confidence_head":
                                     False, "dspark_sts_temperatures": None})
     assert "no sequential head (DFlash-like), confidence head off, scheduler fixed" in \

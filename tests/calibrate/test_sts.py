@@ -15,7 +15,9 @@ from tiny_models import make_drafter, make_oracle_pair
 from vllm_dspark.calibrate.collect import (
     _verify_logits, collect_sequence, confidence_logits, continuations, load_pair,
 )
-from vllm_dspark.calibrate.sts import auroc, cumulative_survival, ece, evaluate, fit_sts
+from vllm_dspark.calibrate.sts import (
+    auroc, cumulative_survival, ece, evaluate, fit_nll, fit_sts,
+)
 from vllm_dspark.cli import main as cli_main
 from vllm_dspark.config import DSparkConfig
 from vllm_dspark.decode.draft import sample_block
@@ -84,6 +86,60 @@ def test_fit_sts_identity_on_calibrated_data_and_sparse_positions():
     assert all(abs(t - 1.0) < 0.15 for t in temps[:2]), temps
     assert temps[2] == 1.0 and not report["positions"][2]["fitted"]
     assert report["positions"][2]["n"] == 0
+
+
+def test_fit_nll_recovers_known_temperatures():
+    t_true = [0.5, 2.0, 1.0, 3.0]
+    z, s, mask = _synthetic(t_true)
+    temps, report = fit_nll(z, s, mask)
+    for got, want in zip(temps, t_true):
+        assert abs(got - want) / want < 0.06, (temps, t_true)
+    for k, p in enumerate(report["positions"]):
+        alive = mask[:, k] & (s[:, k - 1] == 1) if k else mask[:, k]
+        assert p["fitted"] and p["conditional_n"] == int(alive.sum())
+        assert p["ece_after"] < p["ece_before"] and p["ece_after"] < 0.02, p
+    # Identity where the data are calibrated; too few blocks keep T = 1.
+    z, s, mask = _synthetic([1.0, 1.0, 1.0], n=30_000, seed=1)
+    mask[:, 2] = False
+    temps, report = fit_nll(z, s * mask, mask)
+    assert all(abs(t - 1.0) < 0.06 for t in temps[:2]), temps
+    assert temps[2] == 1.0 and not report["positions"][2]["fitted"]
+
+
+def test_fit_nll_positions_are_independent_unlike_the_sequential_fit():
+    """Maximum likelihood separates over positions (a block's likelihood is the
+    product of its conditional terms), so rescaling position 1's logits moves T_1 by
+    the same factor and leaves every later temperature as it was; the sequential ECE
+    fit of the paper conditions T_k on the fitted T_<k, so T_2 may move."""
+    z, s, mask = _synthetic([0.5, 2.0, 1.0], n=20_000, seed=4)
+    temps, _ = fit_nll(z, s, mask)
+    scaled = z.copy()
+    scaled[:, 0] *= 3.0
+    again, _ = fit_nll(scaled, s, mask)
+    assert again[0] == pytest.approx(3.0 * temps[0], rel=0.02)
+    assert again[1:] == temps[1:]
+
+
+def test_compare_fits_script_on_saved_outcomes(tmp_path):
+    """benchmarks/smollm2/compare_fits.py: both fits on an .npz as calibrate saves it,
+    the last quarter of the prompts held out, whole prompts."""
+    import importlib.util
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    spec = importlib.util.spec_from_file_location(
+        "compare_fits", os.path.join(root, "benchmarks", "smollm2", "compare_fits.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    z, s, mask = _synthetic([0.5, 2.0, 1.0], n=8_000, seed=5)
+    prompt = np.repeat(np.arange(8), 1_000)
+    np.savez_compressed(tmp_path / "o.npz", z=z, s=s, mask=mask, prompt=prompt)
+    res = mod.compare(str(tmp_path / "o.npz"), 0.25)
+    assert res["fit_blocks"] == 6_000 and res["held_out_blocks"] == 2_000
+    for name in ("sts", "nll"):
+        before, after = res[name]["mean_ece_held_out"]
+        assert after < before and len(res[name]["held_out"]) == 3, res[name]
+    for got, want in zip(res["nll"]["temperatures"], [0.5, 2.0, 1.0]):
+        assert abs(got - want) / want < 0.1
 
 
 def test_temperature_scaling_preserves_single_position_ranking():
@@ -235,11 +291,17 @@ def test_cli_writes_temperatures(cli_setup, capsys):
     # Dry run at T > 0: report only, config untouched.
     before = open(os.path.join(draft, "config.json")).read()
     report2 = tmp / "dry.json"
-    assert _cli(target, draft, prompts, "--dry-run", "--temperature", "0.8",
-                "--out-json", str(report2)) == 0
+    outcomes = tmp / "outcomes.npz"
+    assert _cli(target, draft, prompts, "--dry-run", "--temperature", "0.8", "--fit", "sts",
+                "--out-json", str(report2), "--save-outcomes", str(outcomes)) == 0
     assert open(os.path.join(draft, "config.json")).read() == before
     rep2 = json.loads(report2.read_text())
     assert rep2["config_written"] is None and rep2["collection"]["temperature"] == 0.8
+    assert rep["fit"] == "nll" and rep2["fit"] == "sts"  # the default, the paper's
+    assert "fitted (sts)" in capsys.readouterr().out
+    saved = np.load(outcomes)
+    assert saved["z"].shape == saved["s"].shape == saved["mask"].shape
+    assert saved["prompt"].shape == (saved["z"].shape[0],) and saved["prompt"].max() == 7
     assert rep2["heldout"]["prompts"] == 2
     assert rep2["previous_temperatures"] == pytest.approx(cfg.sts_temperatures)
 

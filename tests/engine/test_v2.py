@@ -77,8 +77,7 @@ def test_v2_greedy_equivalence_under_preemption(targets, drafter_factory):
 
 
 def test_v2_smollm2_pair_greedy_equals_plain(smollm2_target):
-    """The real pair (committed drafter, confidence head; no STS temperatures since
-    2026-12-04) in float32,
+    """The real pair (committed drafter, confidence head, fitted temperatures) in float32,
     8 chat prompts × 96 tokens at up to 4 requests a step, with upstream's speculator on
     the same weights as a control. (At 16 requests a step this failed on an H200 in the
     first token of a request; the sweep's bf16 runs showed upstream's outputs departing

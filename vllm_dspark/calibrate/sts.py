@@ -105,6 +105,27 @@ def _search(prefix_log: np.ndarray, zk: np.ndarray, o: np.ndarray, grid: np.ndar
     return float(grid[j]), float(errs[j])
 
 
+def _grid(grid) -> np.ndarray:
+    grid = np.asarray(DEFAULT_GRID if grid is None else grid, dtype=np.float64)
+    if np.any(grid <= 0):
+        raise ValueError("temperature grid values must be > 0")
+    return grid
+
+
+def _at_edge(t: float, fitted: bool, grid: np.ndarray) -> bool:
+    return bool(fitted and (t <= grid.min() * (1 + 1e-9) or t >= grid.max() * (1 - 1e-9)))
+
+
+def _report(z, s, m, temps, fits, grid, n_bins, min_count) -> tuple[list[float], dict]:
+    """The fit's report: ``evaluate`` on the fitting data plus each position's fit."""
+    report = evaluate(z, s, m, temps, n_bins)
+    for position, fit in zip(report["positions"], fits):
+        position.update(fit)
+    report.update(temperatures=temps, grid=[float(grid.min()), float(grid.max()), int(grid.size)],
+                  min_count=min_count)
+    return temps, report
+
+
 def fit_sts(z, s, mask=None, grid=None, n_bins: int = 15, refine: bool = True,
             min_count: int = MIN_COUNT) -> tuple[list[float], dict]:
     """Fit per-position temperatures left to right (paper §3.2.1).
@@ -117,9 +138,7 @@ def fit_sts(z, s, mask=None, grid=None, n_bins: int = 15, refine: bool = True,
     too few blocks left T at 1).
     """
     z, s, m = _as_arrays(z, s, mask)
-    grid = np.asarray(DEFAULT_GRID if grid is None else grid, dtype=np.float64)
-    if np.any(grid <= 0):
-        raise ValueError("temperature grid values must be > 0")
+    grid = _grid(grid)
     gamma = z.shape[1]
     temps: list[float] = []
     fits = []
@@ -139,14 +158,50 @@ def fit_sts(z, s, mask=None, grid=None, n_bins: int = 15, refine: bool = True,
                     t = t2
         temps.append(t)
         prefix = prefix + log_sigmoid(z[:, k] / t)
-        fits.append(dict(temperature=t, fitted=fitted, at_grid_edge=bool(
-            fitted and (t <= grid.min() * (1 + 1e-9) or t >= grid.max() * (1 - 1e-9)))))
-    report = evaluate(z, s, m, temps, n_bins)
-    for position, fit in zip(report["positions"], fits):
-        position.update(fit)
-    report.update(temperatures=temps, grid=[float(grid.min()), float(grid.max()), int(grid.size)],
-                  min_count=min_count)
-    return temps, report
+        fits.append(dict(temperature=t, fitted=fitted, at_grid_edge=_at_edge(t, fitted, grid)))
+    return _report(z, s, m, temps, fits, grid, n_bins, min_count)
+
+
+def _nll(zk: np.ndarray, o: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    """Mean binary log loss of σ(zk/T) against o, for every T of ``grid``."""
+    x = zk[None] / grid[:, None]
+    return np.mean(-np.where(o[None] > 0, log_sigmoid(x), log_sigmoid(-x)), axis=1)
+
+
+def fit_nll(z, s, mask=None, grid=None, refine: bool = True,
+            min_count: int = MIN_COUNT, n_bins: int = 15) -> tuple[list[float], dict]:
+    """Per-position temperatures by maximum likelihood (beyond the paper): T_k
+    minimises the log loss of c_k = σ(z_k/T_k) against survival of token k on the
+    blocks whose tokens < k all survived — c_k's own meaning (eq. 7). The likelihood
+    of a block's outcome is the product of these conditional terms, so the positions
+    separate and each fit is one convex 1-D problem (in 1/T); no position's fit
+    trades away another's, unlike the sequential ECE search of ``fit_sts``, where a
+    flattened c_1 (T at the grid's edge) lowers its own ECE and costs every later
+    product its resolution (seen on the SmolLM2 drafter, benchmarks/README.md).
+    Same grid, refinement, ``min_count`` rule and report as ``fit_sts``."""
+    z, s, m = _as_arrays(z, s, mask)
+    grid = _grid(grid)
+    temps, fits = [], []
+    for k in range(z.shape[1]):
+        rows = m[:, k] & (s[:, k - 1] > 0) if k else m[:, k]  # alive before token k
+        zk, o = z[rows, k], s[rows, k]
+        fitted = int(rows.sum()) >= min_count
+        t = 1.0
+        if fitted:
+            losses = _nll(zk, o, grid)
+            j = int(np.argmin(losses))
+            t = float(grid[j])
+            if refine:
+                fine = np.geomspace(grid[max(j - 1, 0)], grid[min(j + 1, len(grid) - 1)],
+                                    REFINE_POINTS)
+                t = float(fine[int(np.argmin(_nll(zk, o, fine)))])
+        temps.append(t)
+        fits.append(dict(temperature=t, fitted=fitted, conditional_n=int(rows.sum()),
+                         at_grid_edge=_at_edge(t, fitted, grid)))
+    return _report(z, s, m, temps, fits, grid, n_bins, min_count)
+
+
+FITS = {"sts": fit_sts, "nll": fit_nll}
 
 
 def evaluate(z, s, mask, temperatures, n_bins: int = 15) -> dict:
