@@ -22,6 +22,7 @@ Data layout (numpy, 0-based positions k = 0..γ-1, i.e. the paper's k+1):
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import numpy as np
 
@@ -96,13 +97,26 @@ def auroc(score, outcome) -> float:
 
 
 # ------------------------------------------------------------------ fitting
-def _search(prefix_log: np.ndarray, zk: np.ndarray, o: np.ndarray, grid: np.ndarray,
-            n_bins: int) -> tuple[float, float]:
-    """argmin_T ECE(exp(prefix_log + log σ(zk/T)), o) over ``grid``; returns (T, ECE)."""
-    logp = prefix_log[None] + log_sigmoid(zk[None] / grid[:, None])
-    errs = _ece_batch(np.exp(logp), o, n_bins)
+def _product_ece(grid: np.ndarray, prefix_log: np.ndarray, zk: np.ndarray, o: np.ndarray,
+                 n_bins: int) -> np.ndarray:
+    """ECE(exp(prefix_log + log σ(zk/T)), o) for every T of ``grid``."""
+    return _ece_batch(np.exp(prefix_log[None] + log_sigmoid(zk[None] / grid[:, None])), o, n_bins)
+
+
+def _minimise(loss, grid: np.ndarray, refine: bool) -> float:
+    """argmin_T of ``loss`` (a grid of temperatures → one value per T) over ``grid``;
+    with ``refine``, then over a finer log grid between the best point's neighbours,
+    keeping the coarse point on ties (it is on the grid)."""
+    errs = loss(grid)
     j = int(np.argmin(errs))
-    return float(grid[j]), float(errs[j])
+    t, err = float(grid[j]), float(errs[j])
+    if refine:
+        fine = np.geomspace(grid[max(j - 1, 0)], grid[min(j + 1, len(grid) - 1)], REFINE_POINTS)
+        fine_errs = loss(fine)
+        i = int(np.argmin(fine_errs))
+        if fine_errs[i] < err:
+            t = float(fine[i])
+    return t
 
 
 def _grid(grid) -> np.ndarray:
@@ -148,21 +162,16 @@ def fit_sts(z, s, mask=None, grid=None, n_bins: int = 15, refine: bool = True,
         zk, o, pre = z[rows, k], s[rows, k], prefix[rows]
         fitted = int(rows.sum()) >= min_count
         t = 1.0
-        if fitted:
-            t, err = _search(pre, zk, o, grid, n_bins)
-            if refine:
-                j = int(np.searchsorted(grid, t))
-                lo, hi = grid[max(j - 1, 0)], grid[min(j + 1, len(grid) - 1)]
-                t2, err2 = _search(pre, zk, o, np.geomspace(lo, hi, REFINE_POINTS), n_bins)
-                if err2 < err:  # keep the coarse point on ties: it is on the grid
-                    t = t2
+        if fitted:  # the ECE of the cumulative product, earlier temperatures frozen
+            t = _minimise(partial(_product_ece, prefix_log=pre, zk=zk, o=o, n_bins=n_bins),
+                          grid, refine)
         temps.append(t)
         prefix = prefix + log_sigmoid(z[:, k] / t)
         fits.append(dict(temperature=t, fitted=fitted, at_grid_edge=_at_edge(t, fitted, grid)))
     return _report(z, s, m, temps, fits, grid, n_bins, min_count)
 
 
-def _nll(zk: np.ndarray, o: np.ndarray, grid: np.ndarray) -> np.ndarray:
+def _nll(grid: np.ndarray, zk: np.ndarray, o: np.ndarray) -> np.ndarray:
     """Mean binary log loss of σ(zk/T) against o, for every T of ``grid``."""
     x = zk[None] / grid[:, None]
     return np.mean(-np.where(o[None] > 0, log_sigmoid(x), log_sigmoid(-x)), axis=1)
@@ -188,13 +197,7 @@ def fit_nll(z, s, mask=None, grid=None, refine: bool = True,
         fitted = int(rows.sum()) >= min_count
         t = 1.0
         if fitted:
-            losses = _nll(zk, o, grid)
-            j = int(np.argmin(losses))
-            t = float(grid[j])
-            if refine:
-                fine = np.geomspace(grid[max(j - 1, 0)], grid[min(j + 1, len(grid) - 1)],
-                                    REFINE_POINTS)
-                t = float(fine[int(np.argmin(_nll(zk, o, fine)))])
+            t = _minimise(partial(_nll, zk=zk, o=o), grid, refine)
         temps.append(t)
         fits.append(dict(temperature=t, fitted=fitted, conditional_n=int(rows.sum()),
                          at_grid_edge=_at_edge(t, fitted, grid)))
