@@ -94,6 +94,22 @@ def test_a_node_never_sees_another_branch():
             assert changed == bool(parents_free[i, j]), (i, j)
 
 
+def test_auto_splits_keep_short_contexts_in_one_pass():
+    """The measured policy (benchmarks/README.md, 2026-12-04): a context split only pays
+    from MIN_SPLIT_TILES tiles per split; then as many splits as fill TARGET_PROGRAMS
+    programs, at most MAX_SPLITS."""
+    from vllm_dspark.kernels.tree_attention.kernel import (
+        MAX_SPLITS, MIN_SPLIT_TILES, auto_splits,
+    )
+
+    assert MIN_SPLIT_TILES == 32 and MAX_SPLITS == 16
+    assert auto_splits(3, 8) == 1 and auto_splits(3, 32) == 1  # ≤ 2048 positions: one pass
+    assert auto_splits(3, 63) == 1 and auto_splits(3, 64) == 2
+    assert auto_splits(3, 128) == 4 and auto_splits(3, 4096) == MAX_SPLITS
+    assert auto_splits(128, 4096) == 2 and auto_splits(256, 4096) == 1  # grid already full
+    assert auto_splits(1000, 0) == 1
+
+
 def test_bad_inputs_are_refused():
     args, _ = case(0)
     with pytest.raises(ValueError, match="head_dim"):

@@ -41,6 +41,12 @@ TARGET_PROGRAMS = 256
 MAX_SPLITS = 16
 MIN_SPLIT_TILES = 32
 
+
+def auto_splits(programs: int, ctx_tiles: int) -> int:
+    """Context splits for a grid of ``programs`` (request, KV head, query tile) and a
+    block table of ``ctx_tiles`` context tiles, from the shapes alone (graph-safe)."""
+    return max(1, min(MAX_SPLITS, -(-TARGET_PROGRAMS // programs), ctx_tiles // MIN_SPLIT_TILES))
+
 if triton is not None:
 
     @triton.jit
@@ -191,10 +197,8 @@ def tree_attention_triton(q, k_cache, v_cache, block_table, context_lens, query_
     tiles = triton.cdiv(m * group, block_q)
     block_d = max(16, triton.next_power_of_2(d))
     if splits is None:
-        programs = table.shape[0] * kv_heads * tiles
-        ctx_tiles = triton.cdiv(table.shape[1] * k_cache.shape[1], BLOCK_N)
-        splits = max(1, min(MAX_SPLITS, triton.cdiv(TARGET_PROGRAMS, programs),
-                            ctx_tiles // MIN_SPLIT_TILES))
+        splits = auto_splits(table.shape[0] * kv_heads * tiles,
+                             triton.cdiv(table.shape[1] * k_cache.shape[1], BLOCK_N))
     if splits < 1:
         raise ValueError(f"splits must be at least 1, got {splits}")
     if splits > 1:
