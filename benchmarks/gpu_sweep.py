@@ -12,8 +12,10 @@ Every configuration is one engine in its own process, all alive at once on one G
 - ``upstream-adaptive``: the same with vLLM's adaptive verification;
 - ``ours-fixed``: the plugin's V2 speculator verifying all γ (``VLLM_DSPARK_SCHEDULER=fixed``);
 - ``ours``: the plugin's defaults (on the V2 runner: full-γ verification, see
-  engine/v2/patches.py); ``ours-budget``: the device-side verification budget with
-  Algorithm 1's stop (``VLLM_DSPARK_SCHEDULER=causal``); ``ours-async``: with §5.2's rule.
+  engine/v2/patches.py); ``ours-gate``: the draft gate in vLLM's scheduler
+  (``VLLM_DSPARK_DRAFT_COST=measure``, opt-in on V2); ``ours-budget``: the device-side
+  verification budget with Algorithm 1's stop (``VLLM_DSPARK_SCHEDULER=causal``);
+  ``ours-async``: with §5.2's rule.
 
 For each temperature and concurrency C, C chat prompts are submitted at once
 (``--max-tokens`` each, ``ignore_eos`` so every request decodes the same length), one
@@ -79,8 +81,8 @@ if __name__ == "__main__":
     os._exit(0)  # vLLM may hang in shutdown after the work is done
 '''
 
-CONFIGS = ("plain", "upstream", "upstream-adaptive", "ours-fixed", "ours", "ours-budget",
-           "ours-async")
+CONFIGS = ("plain", "upstream", "upstream-adaptive", "ours-fixed", "ours", "ours-gate",
+           "ours-budget", "ours-async")
 
 
 def config_job(name: str, args) -> tuple[dict | None, dict]:
@@ -94,6 +96,7 @@ def config_job(name: str, args) -> tuple[dict | None, dict]:
         "upstream-adaptive": (dict(spec, enable_adaptive_verification=True), off),
         "ours-fixed": (spec, {"VLLM_DSPARK_SCHEDULER": "fixed"}),
         "ours": (spec, {}),
+        "ours-gate": (spec, {"VLLM_DSPARK_DRAFT_COST": "measure"}),
         "ours-budget": (spec, {"VLLM_DSPARK_SCHEDULER": "causal"}),
         "ours-async": (spec, {"VLLM_DSPARK_SCHEDULER": "async"}),
     }[name]
@@ -141,7 +144,7 @@ def main() -> None:
     ap.add_argument("--target", required=True)
     ap.add_argument("--draft", required=True)
     ap.add_argument("--prompts", required=True, help="jsonl with {'turns': [...]}")
-    ap.add_argument("--configs", nargs="+", default=list(CONFIGS[:5]), choices=CONFIGS)
+    ap.add_argument("--configs", nargs="+", default=list(CONFIGS[:6]), choices=CONFIGS)
     ap.add_argument("--concurrency", type=int, nargs="+",
                     default=[1, 2, 4, 8, 16, 32, 64, 128])
     ap.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 1.0])

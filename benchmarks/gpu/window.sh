@@ -38,6 +38,10 @@
 #   SCALE=0 PROFILE=0 KERNELS=0 PROBE_SPS=3.3 EVAL_S=240 DEADLINE=... window.sh start
 # (3.3: the 3.53 measured alone, less what the tests beside it now take; an unfinished
 # schedule still exports its weights when --max-minutes stops it).
+# Next window for issue 15 (the sweep needs the GPU alone, so not beside a training): the
+# GPU tests first (they now include the V2 draft gate: test_v2.py -k gate, chi-square
+# "gate"), then `session.sh sweep-bg` (default configs: plain upstream upstream-adaptive
+# ours-fixed ours ours-gate) with the committed drafter.
 set -uo pipefail
 export PYTHONPATH=/tmp/site:${PYTHONPATH:-} VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONUNBUFFERED=1
 G=/tmp/gpu; L=$G/window; mkdir -p $L

@@ -10,7 +10,9 @@ scheduler mode (fixed γ; the verification budget with Algorithm 1's stop, ``cau
   drafter drafts from HF target states (so the V2 speculator really runs our heads);
 - sampled output at T = 1 follows the target's distribution (test_sampled's chi-square,
   with its power check), with the budget on;
-- the SmolLM2 pair with the committed drafter: greedy output equals plain's.
+- the SmolLM2 pair with the committed drafter: greedy output equals plain's;
+- with the draft gate on (``VLLM_DSPARK_DRAFT_COST=measure``), steps without drafts
+  keep greedy output, the reference drafts and the T = 1 distribution.
 
 The engines of one test run side by side on the GPU (a fixed KV size each).
 """
@@ -33,6 +35,10 @@ V2 = {"VLLM_USE_V2_MODEL_RUNNER": "1"}
 # beside a 48 GB training run, benchmarks/results/gpu_tests_v2_h200_2026-12-04.log).
 GPU = {"enforce_eager": False, "gpu_memory_utilization": 0.12,
        "kv_cache_memory_bytes": 1 << 30}
+# The draft gate in vLLM's scheduler (schedule/scheduler_gate.py), opt-in on V2: while it
+# measures, it alternates drafted and skipped steps, so both kinds occur in every run.
+GATE = {"VLLM_DSPARK_DRAFT_COST": "measure"}
+GATE_CASES = [("qwen3", "gated", "fixed"), ("llama", "rnn", "causal")]
 CASES = [("qwen3", "vanilla", "fixed"), ("qwen3", "gated", "causal"), ("qwen3", "rnn", "async"),
          ("llama", "rnn", "fixed"), ("llama", "vanilla", "causal"), ("llama", "gated", "async")]
 
@@ -119,6 +125,13 @@ def greedy_runs(targets, drafter_factory, tmp_path_factory):
         traces[(fam, head, mode)] = (draft, str(tmp / f"{fam}-{head}-{mode}.jsonl"))
         jobs[(fam, head, mode)] = _on_v2(job(targets[fam], draft, 7, traces[(fam, head, mode)][1]),
                                          mode)
+    for fam, head, mode in GATE_CASES:
+        draft = drafter_factory(fam, head, block_size=7)
+        key = ("gate", fam, head, mode)
+        traces[key] = (draft, str(tmp / f"gate-{fam}-{head}-{mode}.jsonl"))
+        gated = _on_v2(job(targets[fam], draft, 7, traces[key][1]), mode)
+        gated["env"].update(GATE)
+        jobs[key] = gated
     return _run_all(jobs), traces
 
 
@@ -135,7 +148,29 @@ def test_v2_greedy_equivalence_and_reference_drafts(greedy_runs, targets, family
     check_against_reference(targets[family], draft, result, trace)
 
 
-@pytest.mark.parametrize("mode", ["fixed", "causal"])
+@pytest.mark.parametrize("family,head,mode", GATE_CASES, ids=["-".join(c) for c in GATE_CASES])
+def test_v2_draft_gate_skips_and_keeps_output(greedy_runs, targets, family, head, mode):
+    """With the gate on, vLLM's scheduler runs steps with no drafts (K = 0), where our
+    speculator only stores the drafter's context K/V: greedy output still equals plain,
+    and the drafts of later steps still equal the reference drafter's (they attend to
+    that context)."""
+    from test_greedy import check_against_reference
+
+    results, traces = greedy_runs
+    key = ("gate", family, head, mode)
+    result = results[key]
+    assert tokens(result) == tokens(results[family])
+    m = result["metrics"]
+    skipped = m.get("vllm:dspark_draft_gate_steps{decision=skipped}", 0)
+    drafted = m.get("vllm:dspark_draft_gate_steps{decision=drafted}", 0)
+    assert skipped > 0 and drafted > 0, m
+    admitted = m["vllm:dspark_verified_tokens_per_request_step"]
+    assert admitted["count"] > 0 and 0 < admitted["sum"] < 7 * admitted["count"], admitted
+    draft, trace = traces[key]
+    check_against_reference(targets[family], draft, result, trace)
+
+
+@pytest.mark.parametrize("mode", ["fixed", "causal", "gate"])
 def test_v2_sampled_tokens_follow_the_target_distribution(models_dir, mode):
     from checks import chi_square_p_value
     from test_sampled import MAX_TOKENS, N_SEQ, PROMPT, transitions
@@ -147,7 +182,10 @@ def test_v2_sampled_tokens_follow_the_target_distribution(models_dir, mode):
            "batches": [{"prompts": [PROMPT] * (N_SEQ // 16),
                         "sampling": {"max_tokens": MAX_TOKENS, "temperature": 1.0,
                                      "n": 16, "ignore_eos": True}}]}
-    result = run_job(_on_v2(job, mode), 900)
+    job = _on_v2(job, "fixed" if mode == "gate" else mode)
+    if mode == "gate":
+        job["env"].update(GATE)
+    result = run_job(job, 900)
     drafted, accepted, _ = acceptance(result)
     assert 0.1 * drafted < accepted < 0.95 * drafted, (accepted, drafted)
     pairs = transitions(result)

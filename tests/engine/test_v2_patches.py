@@ -21,6 +21,14 @@ class _HF:
         return dict(self._cfg)
 
 
+def _set_env(monkeypatch, name, value):
+    """Set ``name`` to ``value``, or unset it for None (restored after the test)."""
+    if value is None:
+        monkeypatch.delenv(name, raising=False)
+    else:
+        monkeypatch.setenv(name, value)
+
+
 def _config(draft_dir, full_graphs=True, lora=None, pp=1):
     cfg = json.load(open(os.path.join(draft_dir, "config.json")))
     spec = SimpleNamespace(method="dspark", enable_adaptive_verification=False,
@@ -40,10 +48,7 @@ def _config(draft_dir, full_graphs=True, lora=None, pp=1):
 def test_the_budget_follows_the_scheduler_knob(drafter_factory, monkeypatch, env, graphs, want):
     from vllm_dspark.engine.v2.patches import configure_budget
 
-    if env is None:
-        monkeypatch.delenv("VLLM_DSPARK_SCHEDULER", raising=False)
-    else:
-        monkeypatch.setenv("VLLM_DSPARK_SCHEDULER", env)
+    _set_env(monkeypatch, "VLLM_DSPARK_SCHEDULER", env)
     cfg = _config(drafter_factory("qwen3", "gated"), full_graphs=graphs)
     cfg.speculative_config.enable_adaptive_verification = env == "fixed"  # user's setting
     configure_budget(cfg)
@@ -148,10 +153,7 @@ def test_the_v2_start_up_line_says_what_runs(drafter_factory, monkeypatch, adapt
     from vllm_dspark.config import DSparkConfig
     from vllm_dspark.engine.v2.speculator import DSparkV2Speculator
 
-    if env is None:
-        monkeypatch.delenv("VLLM_DSPARK_SCHEDULER", raising=False)
-    else:
-        monkeypatch.setenv("VLLM_DSPARK_SCHEDULER", env)
+    _set_env(monkeypatch, "VLLM_DSPARK_SCHEDULER", env)
     draft = drafter_factory("qwen3", "gated")
     spec = _config(draft).speculative_config
     spec.enable_adaptive_verification, spec.draft_sample_method = adaptive, "probabilistic"
@@ -224,3 +226,151 @@ def test_the_v2_sequential_stage_drafts_greedily_with_batched_confidences(head, 
         fixed._sample_sequential(reqs, head_hidden)
         assert torch.equal(fixed.draft_tokens, sp.draft_tokens)  # same seed: same drafts
         assert (fixed.draft_token_confidence_probs == -1).all()
+
+
+def _gate_config(draft_dir, max_num_seqs=8, schedule=None, v2=True):
+    cfg = _config(draft_dir)
+    cfg.use_v2_model_runner = v2
+    cfg.speculative_config.num_speculative_tokens = 4
+    cfg.speculative_config.num_speculative_tokens_per_batch_size = schedule
+    cfg.scheduler_config = SimpleNamespace(max_num_seqs=max_num_seqs)
+    return cfg
+
+
+@pytest.mark.parametrize("env,v2,want", [
+    ("measure", True, [(1, 1, 4), (2, 8, 0)]),
+    (None, True, None),  # unset: V2 drafts every step (the gate is opt-in there)
+    ("0", True, None),  # a fixed drafting time never gates
+    ("measure", False, None),  # V1: the worker's gate (engine/v1)
+])
+def test_the_v2_gate_names_both_draft_counts(drafter_factory, monkeypatch, env, v2, want):
+    from vllm_dspark.engine.v2.patches import configure_gate
+
+    _set_env(monkeypatch, "VLLM_DSPARK_DRAFT_COST", env)
+    cfg = _gate_config(drafter_factory("qwen3", "vanilla"), v2=v2)
+    configure_gate(cfg)
+    assert cfg.speculative_config.num_speculative_tokens_per_batch_size == want
+
+
+def test_the_v2_gate_refuses_a_users_draft_count_schedule(drafter_factory, monkeypatch):
+    from vllm_dspark.config import DSparkConfigError
+    from vllm_dspark.engine.v2.patches import configure_gate
+
+    monkeypatch.setenv("VLLM_DSPARK_DRAFT_COST", "measure")
+    cfg = _gate_config(drafter_factory("qwen3", "vanilla"), schedule=[(1, 8, 2)])
+    with pytest.raises(DSparkConfigError, match="num_speculative_tokens_per_batch_size"):
+        configure_gate(cfg)
+
+
+class _Scripted:
+    """A DraftGate that answers a script and records what it is told."""
+
+    def __init__(self, answers):
+        self.answers, self.samples = list(answers), []
+
+    def decide(self, requests):
+        return self.answers.pop(0)
+
+    def observe(self, requests, drafted, tokens, seconds):
+        self.samples.append((requests, drafted, tokens))
+
+
+def test_vllms_scheduler_drafts_what_the_v2_gate_says(corrupted_oracle_pair, monkeypatch):
+    """vLLM's own (async) scheduler, driven step by step with made-up outputs: the gate
+    answers its draft-count lookup, the next step schedules that many draft slots per
+    request, only steps between equal decisions are timed, and the step stats carry
+    the gate's decisions and the scheduled draft lengths (the V2 metrics)."""
+    import torch
+    from vllm import SamplingParams
+    from vllm.config import VllmConfig
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.v1.core.sched.async_scheduler import AsyncScheduler
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
+    from vllm.v1.outputs import ModelRunnerOutput
+    from vllm.v1.request import Request
+    from vllm.v1.structured_output import StructuredOutputManager
+
+    from vllm_dspark.engine import metrics
+    from vllm_dspark.engine.patches import apply_all
+    from vllm_dspark.engine.v2.patches import configure_gate
+    from vllm_dspark.schedule.scheduler_gate import SchedulerGate
+
+    apply_all()
+    monkeypatch.setenv("VLLM_DSPARK_DRAFT_COST", "measure")
+    target, draft = corrupted_oracle_pair
+    cfg = EngineArgs(model=target, enforce_eager=True, max_model_len=256, max_num_seqs=8,
+                     enable_prefix_caching=False,
+                     speculative_config={"method": "dspark", "model": draft,
+                                         "num_speculative_tokens": 3}).create_engine_config()
+    # This box runs V1; from here on vLLM sees the V2 runner, as on a GPU.
+    monkeypatch.setattr(VllmConfig, "use_v2_model_runner", property(lambda self: True))
+    configure_gate(cfg)
+    assert cfg.speculative_config.num_speculative_tokens_per_batch_size == [(1, 1, 3),
+                                                                           (2, 8, 0)]
+    cfg.cache_config.num_gpu_blocks = 64
+    kv = KVCacheConfig(num_blocks=64, kv_cache_tensors=[], kv_cache_groups=[KVCacheGroupSpec(
+        ["layer"], FullAttentionSpec(block_size=16, num_kv_heads=1, head_size=8,
+                                     dtype=torch.float32))])
+    sched = AsyncScheduler(vllm_config=cfg, kv_cache_config=kv, block_size=16,
+                           structured_output_manager=StructuredOutputManager(cfg),
+                           log_stats=True)
+    assert isinstance(sched.dynamic_sd_lookup, SchedulerGate)
+    # Decisions the gate makes (a switch is held one more step): draft, skip, draft.
+    script = _Scripted([True, True, False, True, True])
+    sched._dspark_gate.gate = script
+    for i in range(3):
+        sched.add_request(Request(f"r{i}", prompt_token_ids=list(range(1, 20)),
+                                  sampling_params=SamplingParams(max_tokens=40, temperature=0),
+                                  pooling_params=None))
+    ks, slots, payloads = [], [], []
+    for _ in range(8):
+        out = sched.schedule()
+        ks.append(out.num_spec_tokens_to_schedule)
+        slots.append(sorted({len(v) for v in out.scheduled_spec_decode_tokens.values()}))
+        ids = list(out.num_scheduled_tokens)
+        result = ModelRunnerOutput(
+            req_ids=ids, req_id_to_index={r: i for i, r in enumerate(ids)},
+            sampled_token_ids=[[7] * (1 + len(out.scheduled_spec_decode_tokens.get(r, ())))
+                               for r in ids])
+        eco = sched.update_from_output(out, result)
+        stats = next(o.scheduler_stats for o in eco.values() if o.scheduler_stats)
+        payloads.append((stats.kv_connector_stats or {}).get(metrics.PAYLOAD_KEY))
+    # decide(draft) → 3, held 3; decide(draft) → 3; decide(skip) → 0, held 0; draft → 3, 3; …
+    assert ks == [3, 3, 3, 0, 0, 3, 3, 3]
+    assert slots == [[]] + [[k] if k else [] for k in ks[:-1]]
+    # Timed: the steps whose predecessor drafted as they do (not the prefill, not a switch).
+    drafted, plain = (3, True, 12), (3, False, 3)
+    assert script.samples == [drafted, drafted, plain, drafted, drafted]
+    assert [p.get("drafted", 0) - p.get("skipped", 0) for p in payloads] == [
+        1 if k else -1 for k in ks]
+    assert [p.get("admitted") for p in payloads[1:]] == [
+        [0, 0, 0, 3] if k else [3, 0, 0, 0] for k in ks[:-1]]
+
+
+def test_a_step_without_drafts_stores_context_and_drafts_nothing(monkeypatch):
+    """K = 0 (the gate skipped): upstream's preparation runs on its eager path, which
+    stores the drafter's context K/V, and the draft itself (``_generate_draft``) does
+    not; a step with drafts, and the graph capture's dummy runs, draft as upstream."""
+    from vllm.v1.worker.gpu.spec_decode.dspark.speculator import DSparkSpeculator
+
+    from vllm_dspark.engine.v2.speculator import DSparkV2Speculator
+
+    calls = []
+
+    def upstream_propose(self, input_batch, *args, **kwargs):
+        calls.append(("propose", kwargs.get("is_profile", False)))
+        self._generate_draft(input_batch.num_reqs, 8, None, None, None)
+        return "drafts"
+
+    monkeypatch.setattr(DSparkSpeculator, "propose", upstream_propose)
+    monkeypatch.setattr(DSparkSpeculator, "_generate_draft",
+                        lambda self, *a, **kw: calls.append(("draft",)))
+    sp = object.__new__(DSparkV2Speculator)
+    sp._context_only, sp._trace_path = False, None
+    batch = SimpleNamespace(num_reqs=2)
+    assert sp.propose(batch, num_speculative_tokens=0) == "drafts"
+    assert calls == [("propose", True)] and sp._context_only is False
+    calls.clear()
+    sp.propose(batch, num_speculative_tokens=4)
+    sp.propose(batch, num_speculative_tokens=0, dummy_run=True)
+    assert calls == [("propose", False), ("draft",), ("propose", False), ("draft",)]

@@ -30,7 +30,9 @@ The route, least invasive found in vLLM 0.32 (engine/PATCHES.md has the rows):
    (V1: ``carry_round_stats_in_the_output``; the output is pickled to the engine core).
 2. engine core: ``collect_dspark_step_stats`` counts ℓ_r per request from the drafts
    the scheduler receives (``update_draft_token_ids``: the requests that decode with
-   them), adds the worker's counts, and puts the step's ``payload`` into its
+   them; on V2, whose drafts stay on the GPU, from the draft slots it scheduled), takes
+   the V2 draft gate's decisions (``gate_drafting_in_the_scheduler``), adds the
+   worker's counts, and puts the step's ``payload`` into its
    ``SchedulerStats`` (``attach``). SchedulerStats is a typed dataclass encoded by
    msgspec, which drops attributes it does not declare, so the payload rides under
    ``PAYLOAD_KEY`` in its one free-form dict, ``kv_connector_stats``.

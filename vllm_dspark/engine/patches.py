@@ -250,12 +250,33 @@ def _count_admitted(scheduler, draft_token_ids) -> None:
     exactly what the verification scheduler admitted (γ without one, 0 when skipped)."""
     from vllm_dspark.engine import metrics
 
+    if getattr(scheduler, "use_v2_model_runner", False):
+        return  # V2 hands the scheduler placeholders: ``_count_scheduled`` counts there
     counts = [0] * (scheduler.num_spec_tokens + 1)
     for req_id, ids in zip(draft_token_ids.req_ids, draft_token_ids.draft_token_ids):
         req = scheduler.requests.get(req_id)
         if req is None or req.is_finished() or req.is_prefill_chunk:
             continue
         metrics.count_admitted(counts, len(ids))
+    if any(counts):
+        scheduler._dspark_pending = metrics.merge(
+            getattr(scheduler, "_dspark_pending", None), {"admitted": counts})
+
+
+def _count_scheduled(scheduler, scheduler_output) -> None:
+    """V2: the drafts stay on the GPU and vLLM's scheduler fixes each step's draft count
+    (γ, or 0 when the gate skipped), so ℓ_r is what it scheduled for each decoding
+    request: its draft placeholders. With vLLM's device-side verification budget on,
+    the device may verify fewer (vLLM's spec-decode counters count what it verified)."""
+    from vllm_dspark.engine import metrics
+
+    spec = scheduler_output.scheduled_spec_decode_tokens
+    counts = [0] * (scheduler.num_spec_tokens + 1)
+    for req_id, n in scheduler_output.num_scheduled_tokens.items():
+        req = scheduler.requests.get(req_id)
+        drafts = len(spec.get(req_id, ()))
+        if n == 1 + drafts and req is not None and req.num_output_tokens > 0:
+            metrics.count_admitted(counts, drafts)
     if any(counts):
         scheduler._dspark_pending = metrics.merge(
             getattr(scheduler, "_dspark_pending", None), {"admitted": counts})
@@ -294,8 +315,11 @@ def collect_dspark_step_stats() -> None:
 
     def update_from_output(original):
         def patched(self, scheduler_output, model_runner_output):
+            counting = self.log_stats and _is_dspark(self.vllm_config)
+            if counting and getattr(self, "use_v2_model_runner", False):
+                _count_scheduled(self, scheduler_output)
             outputs = original(self, scheduler_output, model_runner_output)
-            if self.log_stats and _is_dspark(self.vllm_config):
+            if counting:
                 _attach_step_stats(self, outputs, model_runner_output)
             return outputs
         return patched

@@ -107,11 +107,21 @@ class DraftGate:
         or a request joining makes its time no sample of either choice). Records that
         step, then decides whether to draft this one."""
         last, self._last = self._last, None
-        if (last is not None and tokens is not None and tokens > 0
-                and _bucket_key(requests) == _bucket_key(last[1])):
-            self._record(requests, last[2], tokens, now - last[0])
-        draft = self._decide(requests)
+        if last is not None and tokens is not None and same_load(requests, last[1]):
+            self.observe(requests, last[2], tokens, now - last[0])
+        draft = self.decide(requests)
         self._last = (now, requests, draft)
+        return draft
+
+    def observe(self, requests: int, drafted: bool, tokens: int, seconds: float) -> None:
+        """One sample of a choice: a step at this request count that followed a drafted
+        (or a skipped) step emitted ``tokens`` in ``seconds``."""
+        if tokens > 0 and seconds > 0:
+            self._record(requests, drafted, tokens, seconds)
+
+    def decide(self, requests: int) -> bool:
+        """Draft (True) or not at this request count, from the samples so far."""
+        draft = self._decide(requests)
         if draft:
             self.drafted_steps += 1
         else:
@@ -186,6 +196,12 @@ def _carried_over(key: int, measured: dict[int, bool]) -> bool | None:
 
 # Request counts this close (ratio) share a carried-over answer in either direction.
 NEAR = 1.5
+
+
+def same_load(a: int, b: int) -> bool:
+    """Whether two request counts share a bucket (one step's time is a sample of the
+    choice made before it only when the load did not change in between)."""
+    return _bucket_key(a) == _bucket_key(b)
 
 
 def _bucket_key(requests: int) -> int:

@@ -129,7 +129,111 @@ def point_v2_at_ours(vllm_config) -> None:
     _wrap(model_runner, "maybe_create_adaptive_verification_manager", make)
 
 
-PATCHES = (schedule_verification_on_v2, install_v2_speculator)
+def _gate_requested() -> bool:
+    """The V2 draft gate is opt-in while it has not been measured on a GPU:
+    ``VLLM_DSPARK_DRAFT_COST=measure`` set explicitly (unset, the V2 runner drafts every
+    step, as upstream; on V1 unset means measure)."""
+    import os
+
+    from vllm_dspark.schedule.verification import DRAFT_COST_ENV
+
+    return os.environ.get(DRAFT_COST_ENV, "").strip().lower() == "measure"
+
+
+@patch(runner="V2", scope="dspark only")
+def gate_drafting_in_the_scheduler() -> None:
+    """With VLLM_DSPARK_DRAFT_COST=measure on the V2 runner, the draft gate decides each
+    step's draft count K (γ or 0) in vLLM's scheduler (schedule/scheduler_gate.py),
+    through vLLM's dynamic speculative decoding: the config gets a draft-count schedule
+    naming both counts (so target graphs exist for both query lengths), the scheduler's
+    lookup of it becomes the gate, and every step's output times the choice."""
+    from vllm.config import VllmConfig
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    def config(original):
+        def patched(self):
+            configure_gate(self)
+            original(self)  # vLLM's own check: no dynamic draft counts with DP > 1
+        return patched
+
+    def init(original):
+        def patched(self, *args, **kwargs):
+            original(self, *args, **kwargs)
+            install_gate(self)
+        return patched
+
+    def update(original):
+        def patched(self, scheduler_output, model_runner_output):
+            gate = getattr(self, "_dspark_gate", None)
+            if gate is not None:
+                observe_step(self, gate, scheduler_output, model_runner_output)
+            return original(self, scheduler_output, model_runner_output)
+        return patched
+
+    # Runs in VllmConfig.__post_init__ before the CUDA-graph sizes are chosen.
+    _wrap(VllmConfig, "_maybe_disable_dynamic_sd_for_data_parallel", config)
+    _wrap(Scheduler, "__init__", init)
+    _wrap(Scheduler, "update_from_output", update)
+
+
+def configure_gate(vllm_config) -> None:
+    """``gate_drafting_in_the_scheduler``'s config half: for dspark on V2 with the gate
+    asked for, name both draft counts in ``num_speculative_tokens_per_batch_size``."""
+    spec = _dspark_spec(vllm_config)
+    if spec is None or not _gate_requested() or not vllm_config.use_v2_model_runner:
+        return
+    from vllm_dspark.schedule.scheduler_gate import draft_count_tiers
+    from vllm_dspark.schedule.verification import DRAFT_COST_ENV
+
+    if spec.num_speculative_tokens_per_batch_size is not None:
+        from vllm_dspark.config import DSparkConfigError
+
+        raise DSparkConfigError(
+            f"{DRAFT_COST_ENV}=measure (the draft gate) and num_speculative_tokens_per_"
+            "batch_size both choose the draft count per step; remove one: unset "
+            f"{DRAFT_COST_ENV} to keep your schedule, or drop the schedule from "
+            "speculative_config to let the gate measure.")
+    spec.num_speculative_tokens_per_batch_size = draft_count_tiers(
+        spec.num_speculative_tokens, vllm_config.scheduler_config.max_num_seqs)
+
+
+def install_gate(scheduler) -> None:
+    """The scheduler half: its draft-count lookup becomes the gate (only where
+    ``configure_gate`` set the schedule; vLLM drops it with data parallelism)."""
+    if (_dspark_spec(scheduler.vllm_config) is None or not scheduler.use_v2_model_runner
+            or scheduler.dynamic_sd_lookup is None or not _gate_requested()):
+        return
+    from vllm_dspark.schedule.scheduler_gate import SchedulerGate
+
+    scheduler._dspark_gate = SchedulerGate(scheduler.num_spec_tokens)
+    scheduler.dynamic_sd_lookup = scheduler._dspark_gate
+
+
+def observe_step(scheduler, gate, scheduler_output, model_runner_output) -> None:
+    """One step's output reached the engine core: time it for the gate (a sample only
+    when every request decoded: no new request, no prefill chunk), and count the
+    step's decision for the plugin's metrics."""
+    import time
+
+    if scheduler_output.total_num_scheduled_tokens == 0:
+        return  # nothing ran
+    now = time.perf_counter()
+    spec = scheduler_output.scheduled_spec_decode_tokens
+    scheduled = scheduler_output.num_scheduled_tokens
+    decoding = not scheduler_output.scheduled_new_reqs and all(
+        n == 1 + len(spec.get(req_id, ())) for req_id, n in scheduled.items())
+    tokens = (sum(map(len, model_runner_output.sampled_token_ids)) if decoding else None)
+    drafted = scheduler_output.num_spec_tokens_to_schedule > 0
+    gate.observe(now, len(scheduled), tokens, verified=any(spec.values()), drafted=drafted)
+    if scheduler.log_stats:
+        from vllm_dspark.engine import metrics
+
+        scheduler._dspark_pending = metrics.merge(
+            getattr(scheduler, "_dspark_pending", None),
+            {"drafted": 1} if drafted else {"skipped": 1})
+
+
+PATCHES = (schedule_verification_on_v2, install_v2_speculator, gate_drafting_in_the_scheduler)
 
 
 def apply() -> None:

@@ -20,6 +20,10 @@ the one method inside the graph, ``_sample_sequential``, with the plugin's heads
 
 Every op is a fixed-shape tensor op on persistent buffers (no host sync), so the
 loop is captured in the same graph as upstream's.
+
+A step that vLLM's scheduler gives no drafts (K = 0: the draft gate in the scheduler
+skipped it, ``schedule/scheduler_gate.py``) only stores the drafter's context K/V;
+upstream's drafts the whole block there too.
 """
 
 from __future__ import annotations
@@ -59,6 +63,7 @@ class DSparkV2Speculator(DSparkSpeculator):
             dtype=torch.float32, device=device)
         # Debug/test knob (as on V1): append every drafted block as a JSON line.
         self._trace_path = os.environ.get("VLLM_DSPARK_TRACE_FILE") or None
+        self._context_only = False  # this step: store context K/V, draft nothing
 
     def load_draft_model(self, target_model, target_attn_layer_names):
         model = super().load_draft_model(target_model, target_attn_layer_names)
@@ -128,10 +133,32 @@ class DSparkV2Speculator(DSparkSpeculator):
                 conf_head, markov, hidden, prevs, self.sts)
 
     def propose(self, input_batch, *args, **kwargs):
+        if kwargs.get("num_speculative_tokens") == 0 and not kwargs.get("dummy_run", False):
+            return self._store_context_only(input_batch, *args, **kwargs)
         drafts = super().propose(input_batch, *args, **kwargs)
         if self._trace_path and not kwargs.get("dummy_run", False):
             self._trace(input_batch)
         return drafts
+
+    def _store_context_only(self, input_batch, *args, **kwargs):
+        """A step vLLM's scheduler gave no drafts (the draft gate skipped it,
+        schedule/scheduler_gate.py): store the drafter's context K/V of the step's
+        tokens, which later drafts attend to, and draft nothing. Upstream's input
+        preparation runs as in any step; ``is_profile`` takes its eager path, which
+        stores the context K/V outside the draft graph, and ``_generate_draft`` (the
+        backbone, the sequential head) is skipped. The runner marks the returned rows
+        as no drafts (-1), and the next step verifies none."""
+        kwargs["is_profile"] = True
+        self._context_only = True
+        try:
+            return super().propose(input_batch, *args, **kwargs)
+        finally:
+            self._context_only = False
+
+    def _generate_draft(self, *args, **kwargs) -> None:
+        if self._context_only:
+            return
+        super()._generate_draft(*args, **kwargs)
 
     def _trace(self, input_batch) -> None:
         """One JSON line per request (host sync: for tests and debugging only)."""
