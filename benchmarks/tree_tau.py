@@ -25,6 +25,9 @@ import torch
 
 
 def main() -> None:
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+    from vllm_dspark.decode.tree import TreeSpec, chain_spec
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--target", required=True)
     ap.add_argument("--draft", required=True)
@@ -32,16 +35,14 @@ def main() -> None:
     ap.add_argument("--num-prompts", type=int, default=6)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--budgets", type=int, nargs="+", default=[8, 16, 32, 64])
-    ap.add_argument("--width", type=int, default=3)
-    ap.add_argument("--branch-below", type=float, default=0.5)
+    ap.add_argument("--width", type=int, default=TreeSpec.width)
+    ap.add_argument("--branch-below", type=float, default=TreeSpec.branch_below)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from vllm_dspark.checkpoint import load_drafter
-    from vllm_dspark.decode.tree import TreeSpec, chain_spec
     from vllm_dspark.eval.tree import greedy_tree_decode
     from vllm_dspark.prompts import chat_prompt_ids, read_prompts, resolve_dataset
 

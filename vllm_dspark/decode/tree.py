@@ -53,8 +53,11 @@ from vllm_dspark.model.markov_head import MarkovHead
 @dataclass(frozen=True)
 class TreeSpec:
     budget: int = 16  # N: nodes per request at most
-    width: int = 3  # children of a node whose best child's confidence is low
-    branch_below: float = 0.5  # "low": c_P < branch_below (0: never branch, a chain)
+    # The defaults make the tree the N best nodes by estimated survival (every node
+    # may have up to 16 children, all ranked together): tuned on training prompts
+    # (benchmarks/README.md, "Tree shape"), that beat narrower or thresholded shapes.
+    width: int = 16  # children of a node whose best child's confidence is low
+    branch_below: float = 1.0  # "low": c_P < branch_below (0: never branch, a chain)
     sample_children: bool = False  # T > 0: draw children from q (recursive rejection)
 
     def __post_init__(self):
