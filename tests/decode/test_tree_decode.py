@@ -72,10 +72,15 @@ def tree_decode(target, drafter, prompt, n, spec, truth, sps=None):
                               base_hook=lambda base, p: oracle_logits(base, truth, p))
 
 
+# Two shapes: narrow, branching below a confidence; and TreeSpec's default, best-first.
+SHAPES = {"narrow": dict(width=3, branch_below=0.6), "best-first": {}}
+
+
+@pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("scheduled", [False, True], ids=["all-nodes", "algorithm-1"])
-def test_tree_greedy_equals_target_greedy(greedy_pair, scheduled):
+def test_tree_greedy_equals_target_greedy(greedy_pair, scheduled, shape):
     target, drafter = greedy_pair
-    spec = TreeSpec(budget=10, width=3, branch_below=0.6)
+    spec = TreeSpec(budget=10, **SHAPES[shape])
     sps = (lambda b: 1.0 / (1.0 + b.double() / 5)) if scheduled else None  # noqa: E731
     totals = {}
     for prompt in ([5, 17, 33, 2, 90, 41, 7], [300, 12]):
@@ -121,10 +126,11 @@ def bigram_case():
     return table, drafted, markov, conf, base, hidden
 
 
+@pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("sample_children", [False, True], ids=["top-k", "sampled"])
-def test_tree_sampling_follows_the_target_distribution(sample_children):
+def test_tree_sampling_follows_the_target_distribution(sample_children, shape):
     table, drafted, markov, conf, base, hidden = bigram_case()
-    spec = TreeSpec(budget=8, width=3, branch_below=0.5, sample_children=sample_children)
+    spec = TreeSpec(budget=8, sample_children=sample_children, **SHAPES[shape])
     g = torch.Generator().manual_seed(12)
     seqs = [[5] for _ in range(N_SEQ)]
     admitted = verified = accepted = 0
