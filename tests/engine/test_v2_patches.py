@@ -143,13 +143,15 @@ def test_the_budget_manager_keeps_vllms_bookkeeping(seed):
     assert budget <= ours.last_budget[0]
 
 
-@pytest.mark.parametrize("adaptive,env,says", [
-    (False, None, "scheduler fixed (verify all γ)"),
-    (True, "causal", "device-side budget, rule causal"),
-    (True, "async", "device-side budget, rule global"),
-    (True, None, "vLLM's adaptive verification (its own rule)"),
+@pytest.mark.parametrize("adaptive,env,gate,says", [
+    (False, None, False, "scheduler fixed (verify all γ), draft gate off"),
+    (True, "causal", False, "device-side budget, rule causal"),
+    (True, "async", False, "device-side budget, rule global"),
+    (True, None, False, "vLLM's adaptive verification (its own rule)"),
+    (False, None, True, "scheduler fixed (verify all γ), draft gate on"),
 ])
-def test_the_v2_start_up_line_says_what_runs(drafter_factory, monkeypatch, adaptive, env, says):
+def test_the_v2_start_up_line_says_what_runs(drafter_factory, monkeypatch, adaptive, env, gate,
+                                             says):
     from vllm_dspark.config import DSparkConfig
     from vllm_dspark.engine.v2.speculator import DSparkV2Speculator
 
@@ -157,6 +159,8 @@ def test_the_v2_start_up_line_says_what_runs(drafter_factory, monkeypatch, adapt
     draft = drafter_factory("qwen3", "gated")
     spec = _config(draft).speculative_config
     spec.enable_adaptive_verification, spec.draft_sample_method = adaptive, "probabilistic"
+    _set_env(monkeypatch, "VLLM_DSPARK_DRAFT_COST", "measure" if gate else None)
+    spec.num_speculative_tokens_per_batch_size = [(1, 1, 4), (2, 8, 0)] if gate else None
     stand_in = SimpleNamespace(speculative_config=spec, dspark=DSparkConfig.from_dir(draft),
                                num_speculative_steps=4)
     line = DSparkV2Speculator._describe_choice(stand_in)
