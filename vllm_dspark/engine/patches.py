@@ -259,8 +259,7 @@ def _count_admitted(scheduler, draft_token_ids) -> None:
             continue
         metrics.count_admitted(counts, len(ids))
     if any(counts):
-        scheduler._dspark_pending = metrics.merge(
-            getattr(scheduler, "_dspark_pending", None), {"admitted": counts})
+        add_pending(scheduler, {"admitted": counts})
 
 
 def _count_scheduled(scheduler, scheduler_output) -> None:
@@ -278,8 +277,15 @@ def _count_scheduled(scheduler, scheduler_output) -> None:
         if n == 1 + drafts and req is not None and req.num_output_tokens > 0:
             metrics.count_admitted(counts, drafts)
     if any(counts):
-        scheduler._dspark_pending = metrics.merge(
-            getattr(scheduler, "_dspark_pending", None), {"admitted": counts})
+        add_pending(scheduler, {"admitted": counts})
+
+
+def add_pending(scheduler, payload: dict) -> None:
+    """Add to what the engine core sends with the next step's stats (``_attach_step_stats``)."""
+    from vllm_dspark.engine import metrics
+
+    scheduler._dspark_pending = metrics.merge(getattr(scheduler, "_dspark_pending", None),
+                                              payload)
 
 
 def _attach_step_stats(scheduler, outputs, model_runner_output) -> None:

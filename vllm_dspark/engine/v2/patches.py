@@ -6,8 +6,10 @@ the heavy V2 modules are imported only inside a worker that builds a V2 runner.
 
 from __future__ import annotations
 
+import time
+
 from vllm_dspark.config import DSparkConfig
-from vllm_dspark.engine.patches import _wrap, patch
+from vllm_dspark.engine.patches import _wrap, add_pending, patch
 
 _RULES = {"causal": "causal", "async": "global"}  # VLLM_DSPARK_SCHEDULER -> budget rule
 
@@ -213,8 +215,6 @@ def observe_step(scheduler, gate, scheduler_output, model_runner_output) -> None
     """One step's output reached the engine core: time it for the gate (a sample only
     when every request decoded: no new request, no prefill chunk), and count the
     step's decision for the plugin's metrics."""
-    import time
-
     if scheduler_output.total_num_scheduled_tokens == 0:
         return  # nothing ran
     now = time.perf_counter()
@@ -226,11 +226,7 @@ def observe_step(scheduler, gate, scheduler_output, model_runner_output) -> None
     drafted = scheduler_output.num_spec_tokens_to_schedule > 0
     gate.observe(now, len(scheduled), tokens, verified=any(spec.values()), drafted=drafted)
     if scheduler.log_stats:
-        from vllm_dspark.engine import metrics
-
-        scheduler._dspark_pending = metrics.merge(
-            getattr(scheduler, "_dspark_pending", None),
-            {"drafted": 1} if drafted else {"skipped": 1})
+        add_pending(scheduler, {"drafted": 1} if drafted else {"skipped": 1})
 
 
 PATCHES = (schedule_verification_on_v2, install_v2_speculator, gate_drafting_in_the_scheduler)
