@@ -24,6 +24,21 @@ import time
 import torch
 
 
+def prompt_spread(per_prompt: list[dict], draws: int = 2000, seed: int = 0) -> list[float]:
+    """τ's 5th and 95th percentiles over prompts resampled with replacement (bootstrap):
+    how much τ moves with which prompts a set happened to contribute."""
+    import random
+
+    rng = random.Random(seed)
+    taus = []
+    for _ in range(draws):
+        pick = [rng.choice(per_prompt) for _ in per_prompt]
+        rounds = sum(p["rounds"] for p in pick)
+        taus.append((sum(p["accepted"] for p in pick) + rounds) / rounds)
+    taus.sort()
+    return [round(taus[int(0.05 * draws)], 3), round(taus[int(0.95 * draws)], 3)]
+
+
 def main() -> None:
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
     from vllm_dspark.decode.tree import TreeSpec, chain_spec
@@ -60,7 +75,7 @@ def main() -> None:
         prompts = read_prompts(resolve_dataset(ds)[1], limit=args.num_prompts)
         for name, spec in specs.items():
             tot = {"rounds": 0, "accepted": 0, "side_branch": 0, "verified": 0, "drafted": 0}
-            outputs = []
+            outputs, per_prompt = [], []
             for p in prompts:
                 ids = chat_prompt_ids(tok, p)
                 seq, _, st = greedy_tree_decode(target, drafter, ids, args.max_tokens, spec,
@@ -68,6 +83,7 @@ def main() -> None:
                 # A round emits up to its accepted path + 1, so the last one can overshoot
                 # max_tokens by a different amount per configuration: compare max_tokens.
                 outputs.append(seq[len(ids):][: args.max_tokens])
+                per_prompt.append({"rounds": st["rounds"], "accepted": st["accepted"]})
                 for k in tot:
                     tot[k] += st[k]
             row = {"dataset": ds, "config": name, "budget": spec.budget, "width": spec.width,
@@ -75,7 +91,8 @@ def main() -> None:
                    "tau": (tot["accepted"] + tot["rounds"]) / tot["rounds"],
                    "verified_per_round": tot["verified"] / tot["rounds"],
                    "side_branch_share": tot["side_branch"] / max(tot["accepted"], 1),
-                   **tot, "outputs": outputs}
+                   "tau_spread": prompt_spread(per_prompt),
+                   **tot, "per_prompt": per_prompt, "outputs": outputs}
             rows.append(row)
             print(f"{ds} {name}: tau {row['tau']:.3f} ({tot['rounds']} rounds, "
                   f"{row['verified_per_round']:.1f} nodes verified a round, "

