@@ -159,7 +159,6 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-    import torch
 
     from vllm_dspark.prompts import read_prompts
 
@@ -200,6 +199,8 @@ def main() -> None:
                             raw[name].append(dict(r, concurrency=c, temperature=t, repeat=rep))
                         rep += 1
                     print(f"T={t} C={c}: {rep} repeats", file=sys.stderr, flush=True)
+                    # After every cell: a window cut short still brings back what it measured.
+                    write_results(raw, args, startup, plot_it=False)
         finally:
             for proc in engines.values():
                 try:
@@ -207,6 +208,14 @@ def main() -> None:
                     proc.wait(timeout=60)
                 except Exception:
                     proc.kill()
+    rows = write_results(raw, args, startup, plot_it=True)
+    print_table(rows, args.configs)
+
+
+def write_results(raw, args, startup, plot_it: bool) -> list[dict]:
+    """Summarise the cells measured so far and write the JSON (and the PNG)."""
+    import torch
+
     rows = summarize(raw, args)
     out = dict(command=" ".join([sys.executable] + sys.argv), target=args.target,
                draft=args.draft, gamma=args.gamma, max_tokens=args.max_tokens,
@@ -216,9 +225,11 @@ def main() -> None:
                             gpus=torch.cuda.device_count()),
                versions=_versions(), startup_s=startup, rows=rows, raw=raw)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    json.dump(out, open(args.out, "w"), indent=1)
-    plot(rows, args.configs, os.path.splitext(args.out)[0] + ".png")
-    print_table(rows, args.configs)
+    json.dump(out, open(args.out + ".tmp", "w"), indent=1)
+    os.replace(args.out + ".tmp", args.out)
+    if plot_it:
+        plot(rows, args.configs, os.path.splitext(args.out)[0] + ".png")
+    return rows
 
 
 def summarize(raw, args) -> list[dict]:
@@ -227,6 +238,8 @@ def summarize(raw, args) -> list[dict]:
         for c in args.concurrency:
             cell = {n: [r for r in raw[n] if r["concurrency"] == c and r["temperature"] == t]
                     for n in args.configs}
+            if not all(cell.values()):
+                continue  # not measured (yet)
             plain = cell.get("plain")
             for name, rs in cell.items():
                 tps = [r["tokens"] / r["seconds"] for r in rs]

@@ -9,6 +9,8 @@
 #   bash benchmarks/gpu/session.sh install         # there: vLLM + the project + SmolLM2 (≈ 1 min)
 #   bash benchmarks/gpu/session.sh tests-bg        # there: the GPU tests, log in /tmp/gpu/tests.log
 #   bash benchmarks/gpu/session.sh sweep-bg ARGS   # there: benchmarks/gpu_sweep.py
+#   bash benchmarks/gpu/session.sh chain-bg ARGS   # there: the sweep (ARGS), then the GPU tests
+#   bash benchmarks/gpu/session.sh grab [s]        # there: wait on the chain, copy back its output
 #   bash benchmarks/gpu/session.sh profile         # there: one decode round's breakdown at c = 1
 #   bash benchmarks/gpu/session.sh wait NAME [s]   # there: poll a background job, copy its output
 #
@@ -71,11 +73,39 @@ sweep-bg)
     --draft models/dspark-smollm2-135m --prompts vllm_dspark/reference_prompts/mt-bench.jsonl \
     --out $G/gpu_sweep_h200.json "$@" > $G/sweep.log 2>&1 < /dev/null &
   echo $! > $G/sweep.pid ;;
+chain-bg)
+  # The sweep on the GPU alone, then the GPU tests (new ones first: the V2 draft gate),
+  # one log each; one background job, so no step waits on the next `device` call.
+  shift
+  python3 -m pip install -q --no-deps --no-build-isolation --upgrade --target /tmp/site . 2>&1 | grep -v WARNING
+  rm -rf $G/failures
+  setsid nohup bash -c '
+    python3 benchmarks/gpu_sweep.py --target '$G'/smollm2 --draft models/dspark-smollm2-135m \
+      --prompts vllm_dspark/reference_prompts/mt-bench.jsonl --out '$G'/gpu_sweep_h200.json '"$*"' \
+      > '$G'/sweep.log 2>&1
+    export VLLM_DSPARK_FAILURE_DIR='$G'/failures
+    python3 -m pytest tests/engine/test_v2.py tests/engine/test_gpu_scheduler.py -k gate \
+      -v -rs -p no:cacheprovider > '$G'/tests.log 2>&1
+    python3 -m pytest tests/engine/test_v2.py tests/engine/test_v2_server.py \
+      tests/engine/test_gpu_scheduler.py tests/kernels tests/schedule/test_triton_prefix.py \
+      -k "not gate" -v -rs -p no:cacheprovider >> '$G'/tests.log 2>&1
+  ' > $G/chain.log 2>&1 < /dev/null &
+  echo $! > $G/chain.pid; echo $! > $G/sweep.pid; echo $! > $G/tests.pid ;;
 profile)
   python3 -m pip install -q --no-deps --no-build-isolation --upgrade --target /tmp/site . 2>&1 | grep -v WARNING
   python3 benchmarks/gpu_round_profile.py --target $G/smollm2 --draft models/dspark-smollm2-135m \
     --prompts vllm_dspark/reference_prompts/mt-bench.jsonl --out $OUT/gpu_round_profile_h200.json \
     --configs ${PROFILE_CONFIGS:-plain upstream ours ours-budget} ;;
+grab)
+  # Wait up to $2 s for the chain (chain-bg), then copy back what it has so far.
+  limit=${2:-540}; t=0
+  while kill -0 "$(cat $G/chain.pid)" 2>/dev/null && [ $t -lt $limit ]; do sleep 5; t=$((t+5)); done
+  kill -0 "$(cat $G/chain.pid)" 2>/dev/null && echo "chain: still running" || echo "chain: done"
+  cp $G/gpu_sweep_h200.* $G/sweep.log $OUT/ 2>/dev/null
+  [ -f $G/tests.log ] && cp $G/tests.log $OUT/gpu_tests_v2_h200.log
+  [ -d $G/failures ] && tar -cf $OUT/gpu_test_failures.tar -C $G failures
+  tail -n 12 $G/sweep.log; grep -E "PASSED|FAILED|ERROR|passed|failed" $G/tests.log 2>/dev/null | tail -n 40
+  nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader ;;
 wait)
   name=$2; limit=${3:-540}; t=0
   while kill -0 "$(cat $G/$name.pid)" 2>/dev/null && [ $t -lt $limit ]; do sleep 5; t=$((t+5)); done
