@@ -168,7 +168,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         script = os.path.join(tmp, "engine.py")
         open(script, "w").write(ENGINE)
-        engines, startup = {}, {}
+        engines, startup, failed = {}, {}, {}
         try:
             for name in args.configs:  # started together, all kept alive
                 spec, env = config_job(name, args)
@@ -182,9 +182,20 @@ def main() -> None:
                     [sys.executable, script, jp], text=True, stdin=subprocess.PIPE,
                     stdout=subprocess.PIPE, env=dict(os.environ, **env))
                 time.sleep(5)  # staggered: each start-up checks free GPU memory
-            for name, proc in engines.items():
-                startup[name] = _read_json_line(proc, name)["startup_s"]
+            for name, proc in list(engines.items()):
+                try:
+                    startup[name] = _read_json_line(proc, name)["startup_s"]
+                except RuntimeError as e:
+                    # One configuration that cannot start (its traceback is in this log)
+                    # must not cost the others' measurements: it is left out and named.
+                    failed[name] = str(e)
+                    del engines[name]
+                    print(f"{name}: FAILED to start, left out", file=sys.stderr, flush=True)
+                    continue
                 print(f"{name}: started in {startup[name]:.0f}s", file=sys.stderr, flush=True)
+            args.configs = [n for n in args.configs if n in engines]
+            if "plain" not in engines:
+                raise SystemExit(f"plain did not start: {failed.get('plain')}")
             for t in args.temperatures:
                 for c in args.concurrency:
                     rep, spent = 0, dict.fromkeys(args.configs, 0.0)
@@ -200,7 +211,7 @@ def main() -> None:
                         rep += 1
                     print(f"T={t} C={c}: {rep} repeats", file=sys.stderr, flush=True)
                     # After every cell: a window cut short still brings back what it measured.
-                    write_results(raw, args, startup, plot_it=False)
+                    write_results(raw, args, startup, failed, plot_it=False)
         finally:
             for proc in engines.values():
                 try:
@@ -208,11 +219,11 @@ def main() -> None:
                     proc.wait(timeout=60)
                 except Exception:
                     proc.kill()
-    rows = write_results(raw, args, startup, plot_it=True)
+    rows = write_results(raw, args, startup, failed, plot_it=True)
     print_table(rows, args.configs)
 
 
-def write_results(raw, args, startup, plot_it: bool) -> list[dict]:
+def write_results(raw, args, startup, failed, plot_it: bool) -> list[dict]:
     """Summarise the cells measured so far and write the JSON (and the PNG)."""
     import torch
 
@@ -223,7 +234,8 @@ def write_results(raw, args, startup, plot_it: bool) -> list[dict]:
                machine=dict(platform=platform.platform(), cpus=os.cpu_count(),
                             device=torch.cuda.get_device_name(),
                             gpus=torch.cuda.device_count()),
-               versions=_versions(), startup_s=startup, rows=rows, raw=raw)
+               versions=_versions(), startup_s=startup, failed_to_start=failed, rows=rows,
+               raw=raw)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     json.dump(out, open(args.out + ".tmp", "w"), indent=1)
     os.replace(args.out + ".tmp", args.out)

@@ -378,3 +378,29 @@ def test_a_step_without_drafts_stores_context_and_drafts_nothing(monkeypatch):
     sp.propose(batch, num_speculative_tokens=4)
     sp.propose(batch, num_speculative_tokens=0, dummy_run=True)
     assert calls == [("propose", False), ("draft",), ("propose", False), ("draft",)]
+
+
+def test_the_v2_gate_survives_the_draft_config_copy(corrupted_oracle_pair, monkeypatch):
+    """Upstream's draft loader copies the engine's VllmConfig (``config.utils.replace``),
+    which validates the copy again, the gate's hook included. The copy holds the gate's
+    own schedule: that is not a user's schedule to refuse (on an H100 on 2026-12-07
+    every gated V2 engine failed to start here)."""
+    from vllm.config import VllmConfig
+    from vllm.config.utils import replace
+    from vllm.engine.arg_utils import EngineArgs
+
+    from vllm_dspark.engine.patches import apply_all
+    from vllm_dspark.engine.v2.patches import configure_gate
+
+    apply_all()
+    monkeypatch.setenv("VLLM_DSPARK_DRAFT_COST", "measure")
+    target, draft = corrupted_oracle_pair
+    cfg = EngineArgs(model=target, enforce_eager=True, max_model_len=256, max_num_seqs=8,
+                     speculative_config={"method": "dspark", "model": draft,
+                                         "num_speculative_tokens": 3}).create_engine_config()
+    monkeypatch.setattr(VllmConfig, "use_v2_model_runner", property(lambda self: True))
+    monkeypatch.setattr("vllm.config.vllm.HAS_TRITON", True)  # as on a GPU (V2's check)
+    configure_gate(cfg)
+    copy = replace(cfg, parallel_config=cfg.parallel_config)
+    assert [tuple(t) for t in copy.speculative_config.num_speculative_tokens_per_batch_size] \
+        == [(1, 1, 3), (2, 8, 0)]

@@ -187,7 +187,12 @@ def configure_gate(vllm_config) -> None:
     from vllm_dspark.schedule.scheduler_gate import draft_count_tiers
     from vllm_dspark.schedule.verification import DRAFT_COST_ENV
 
-    if spec.num_speculative_tokens_per_batch_size is not None:
+    tiers = draft_count_tiers(spec.num_speculative_tokens,
+                              vllm_config.scheduler_config.max_num_seqs)
+    have = spec.num_speculative_tokens_per_batch_size
+    if have is not None and [tuple(t) for t in have] == tiers:
+        return  # ours: a config copied from this one (the draft's) is validated again
+    if have is not None:
         from vllm_dspark.config import DSparkConfigError
 
         raise DSparkConfigError(
@@ -195,8 +200,7 @@ def configure_gate(vllm_config) -> None:
             "batch_size both choose the draft count per step; remove one: unset "
             f"{DRAFT_COST_ENV} to keep your schedule, or drop the schedule from "
             "speculative_config to let the gate measure.")
-    spec.num_speculative_tokens_per_batch_size = draft_count_tiers(
-        spec.num_speculative_tokens, vllm_config.scheduler_config.max_num_seqs)
+    spec.num_speculative_tokens_per_batch_size = tiers
 
 
 def install_gate(scheduler) -> None:
