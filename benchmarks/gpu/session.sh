@@ -61,7 +61,7 @@ tests-bg)
   shift
   python3 -m pip install -q --no-deps --no-build-isolation --upgrade --target /tmp/site . 2>&1 | grep -v WARNING
   rm -rf $G/failures  # each failure's report lands here as it happens (tests/conftest.py)
-  VLLM_DSPARK_FAILURE_DIR=$G/failures setsid nohup python3 -m pytest tests/kernels tests/schedule/test_triton_prefix.py \
+  VLLM_DSPARK_FAILURE_DIR=$G/failures setsid nohup python3 -m pytest tests/kernels tests/schedule/test_triton_prefix.py tests/decode/test_tree.py \
     tests/engine/test_v2.py tests/engine/test_v2_server.py tests/engine/test_gpu_scheduler.py \
     -v -rs -p no:cacheprovider \
     "$@" > $G/tests.log 2>&1 < /dev/null &
@@ -87,7 +87,7 @@ chain-bg)
     python3 -m pytest tests/engine/test_v2.py tests/engine/test_gpu_scheduler.py -k gate \
       -v -rs -p no:cacheprovider > '$G'/tests.log 2>&1
     python3 -m pytest tests/engine/test_v2.py tests/engine/test_v2_server.py \
-      tests/engine/test_gpu_scheduler.py tests/kernels tests/schedule/test_triton_prefix.py \
+      tests/engine/test_gpu_scheduler.py tests/kernels tests/schedule/test_triton_prefix.py tests/decode/test_tree.py \
       -k "not gate" -v -rs -p no:cacheprovider >> '$G'/tests.log 2>&1
   ' > $G/chain.log 2>&1 < /dev/null &
   echo $! > $G/chain.pid; echo $! > $G/sweep.pid; echo $! > $G/tests.pid ;;

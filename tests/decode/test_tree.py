@@ -52,6 +52,27 @@ def test_batched_equals_best_first_reference(case, stochastic):
     assert bool((tree.sibling > 0).any()), "the case should branch somewhere"
 
 
+@pytest.mark.parametrize("case", CASES + [("gated", 8, True, True, TreeSpec(budget=5))],
+                         ids=lambda c: f"{c[0]}-r{c[1]}-conf{int(c[2])}-n{c[4].budget}")
+@pytest.mark.parametrize("stochastic", [False, True], ids=["greedy", "T>0"])
+def test_graph_safe_tree_is_the_same_tree(case, stochastic):
+    """The CUDA-graph-safe build (no host sync, the V2 speculator's) drafts the same nodes
+    as the default build at any temperature (top-k children); it keeps no q. The last
+    case is the V2 tree mode's shape: the N best nodes at the chain's width."""
+    head_type, rank, conf, with_markov, spec = case
+    m = small_drafter(head_type, rank=rank, confidence=conf, with_markov=with_markov)
+    base, hidden, anchors = block_inputs(m, 5, 5, seed=3)
+    temp = torch.tensor([0.0, 1.0, 0.7, 1.6, 0.0]) if stochastic else None
+    want = draft_tree(base, hidden, anchors, temp, *heads(m), STS, spec)
+    got = draft_tree(base, hidden, anchors, temp, *heads(m), STS, spec, graph_safe=True)
+    for f in INTS + ("confidence", "survival"):
+        assert torch.equal(getattr(got, f), getattr(want, f)), f
+    assert got.probs is None and not got.sampled
+    with pytest.raises(ValueError, match="sample_children"):
+        draft_tree(base, hidden, anchors, temp, *heads(m), STS,
+                   TreeSpec(budget=4, sample_children=True), graph_safe=True)
+
+
 @pytest.mark.parametrize("head_type", ["vanilla", "gated", "rnn"])
 def test_chain_is_sample_blocks_greedy_block(head_type):
     m = small_drafter(head_type, gamma=5, with_markov=head_type != "vanilla")
@@ -177,3 +198,32 @@ def test_sampled_children_are_draws_without_replacement():
 def test_bad_spec():
     with pytest.raises(ValueError, match="budget >= 1"):
         TreeSpec(budget=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (CUDA graphs)")
+@pytest.mark.parametrize("head_type", ["vanilla", "rnn"])
+def test_graph_safe_tree_replays_in_a_cuda_graph(head_type):
+    """Captured once in a CUDA graph, the graph-safe build drafts, for new inputs copied
+    into the captured buffers, the tree the eager build drafts."""
+    m = small_drafter(head_type, with_markov=True).float().cuda()
+    spec = TreeSpec(budget=5)
+    base, hidden, anchors = (x.cuda() for x in block_inputs(m, 4, 5, seed=4))
+    base, hidden = base.float(), hidden.float()
+    temp = torch.tensor([0.0, 1.0, 0.7, 0.0], device="cuda")
+    static = [base.clone(), hidden.clone(), anchors.clone(), temp.clone()]
+    run = lambda: draft_tree(*static, *heads(m), STS, spec, graph_safe=True)  # noqa: E731
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        run()  # warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+    b2, h2, a2 = (x.cuda() for x in block_inputs(m, 4, 5, seed=5))
+    for buf, new in zip(static, (b2.float(), h2.float(), a2, temp.flip(0))):
+        buf.copy_(new)
+    graph.replay()
+    want = draft_tree(b2.float(), h2.float(), a2, temp.flip(0), *heads(m), STS, spec)
+    for f in INTS + ("confidence", "survival"):
+        assert torch.equal(getattr(out, f), getattr(want, f)), f

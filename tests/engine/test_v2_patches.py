@@ -184,6 +184,7 @@ def _sequential_stand_in(head, dtype, adaptive, seed=0, reqs=3, gamma=5, vocab=6
     n = reqs * gamma
     sp.__dict__.update(
         num_speculative_steps=gamma, draft_logits=None, acceptance_estimator=None,
+        tree_spec=None,
         _step_cols=[torch.tensor(k) for k in range(gamma)],
         model=SimpleNamespace(markov_head=markov, confidence_head=conf,
                               compute_draft_logits=lm, map_draft_to_target=lambda ids: ids),
@@ -404,3 +405,36 @@ def test_the_v2_gate_survives_the_draft_config_copy(corrupted_oracle_pair, monke
     copy = replace(cfg, parallel_config=cfg.parallel_config)
     assert [tuple(t) for t in copy.speculative_config.num_speculative_tokens_per_batch_size] \
         == [(1, 1, 3), (2, 8, 0)]
+
+
+@pytest.mark.parametrize("head", ["vanilla", "gated", "rnn"])
+def test_the_v2_sequential_stage_drafts_decode_trees_tree(head):
+    """Tree mode of our ``_sample_sequential`` (issue 17): the γ best nodes of the block's
+    tree, as ``decode.tree.draft_tree`` builds them from the same backbone output, each
+    row at its request's temperature; the node structure lands beside the tokens."""
+    import torch
+
+    from vllm_dspark.config import DSparkConfigError
+    from vllm_dspark.decode.tree import TreeSpec, draft_tree
+
+    sp, head_hidden, reqs = _sequential_stand_in(head, torch.float32, adaptive=False)
+    gamma = sp.num_speculative_steps
+    sts = [0.9, 1.2, 1.0]
+    sp.dspark = SimpleNamespace(sts_temperatures=sts)
+    sp.temperature = torch.tensor([0.0, 1.0, 0.7]).repeat_interleave(gamma)  # by req state
+    with pytest.raises(DSparkConfigError, match="node budget"):
+        sp.enable_tree(TreeSpec(budget=gamma + 1))
+    sp.enable_tree(TreeSpec(budget=gamma))
+    with torch.no_grad():
+        sp._sample_sequential(reqs, head_hidden)
+        hidden = head_hidden[sp.sample_indices].view(reqs, gamma, -1)
+        base = sp.model.compute_draft_logits(hidden)
+        anchor = sp.input_buffers.input_ids[:reqs]
+        want = draft_tree(base, hidden, anchor, torch.tensor([0.0, 1.0, 0.7]),
+                          sp.model.markov_head, sp.model.confidence_head, sts,
+                          TreeSpec(budget=gamma))
+    assert torch.equal(sp.draft_tokens[:reqs], want.tokens)
+    assert torch.equal(sp.tree_parents[:reqs], want.parents)
+    assert torch.equal(sp.tree_depth[:reqs], want.depth)
+    assert bool((want.sibling > 0).any()), "the case should branch somewhere"
+    assert (sp.draft_token_confidence_probs == -1).all()  # no budget: none computed

@@ -87,7 +87,8 @@ def children(
     logits: torch.Tensor,  # [..., V] float32 corrected logits of P's children
     temp: torch.Tensor,  # [...] float32, T (1 on greedy rows)
     c: torch.Tensor | None,  # [...] float32 head confidence of P's best child, None: no head
-    sample: torch.Tensor,  # [...] bool: draw children (T > 0 and sample_children)
+    sample: torch.Tensor | None,  # [...] bool: draw children (T > 0 and sample_children);
+    # None: no row draws (top tokens everywhere; no host sync)
     spec: TreeSpec,
     generator: torch.Generator | None,
 ):
@@ -98,7 +99,9 @@ def children(
         c = q.amax(-1)
     k = min(spec.width, logits.shape[-1])
     score = logits
-    if bool(sample.any()):
+    if sample is None:
+        sample = torch.zeros(logits.shape[:-1], dtype=torch.bool, device=logits.device)
+    elif bool(sample.any()):
         gumbel = -torch.empty_like(q).exponential_(generator=generator).log()
         score = torch.where(sample[..., None], logits / temp[..., None] + gumbel, logits)
     tokens = score.topk(k, dim=-1).indices  # sorted: rank j = top-k order / draw order
@@ -142,16 +145,28 @@ def draft_tree(
     sts_temperatures: list[float] | None,
     spec: TreeSpec,
     generator: torch.Generator | None = None,
+    graph_safe: bool = False,
 ) -> DraftTree:
-    """Batched over requests, one step per depth (γ steps, each over ≤ N parents)."""
+    """Batched over requests, one step per depth (γ steps, each over ≤ N parents).
+
+    ``graph_safe``: no host synchronisation and shapes fixed by (R, γ, N) alone, so a
+    CUDA graph can hold it (the V2 speculator). Children are then the top tokens at any
+    temperature and q is not kept (``probs`` None): the fixed-candidate verifier, which
+    draws from the target and descends where a child matches, needs neither. Sampled
+    children (``spec.sample_children``) are refused there."""
     r, gamma, _ = base_logits.shape
     n, dev = spec.budget, hidden.device
     rows = torch.arange(r, device=dev)[:, None]
     temp = row_temperatures(temperature, r, dev)
-    hot = (temperature.to(dev) >= GREEDY_EPS if temperature is not None
-           else torch.zeros(r, dtype=torch.bool, device=dev))  # [R] rows with T > 0
-    stochastic = bool(hot.any())  # then q is kept (for every row)
-    sample = hot & spec.sample_children
+    if graph_safe:
+        if spec.sample_children:
+            raise ValueError("graph_safe trees have top-k children: sample_children=False")
+        stochastic, sample = False, None
+    else:
+        hot = (temperature.to(dev) >= GREEDY_EPS if temperature is not None
+               else torch.zeros(r, dtype=torch.bool, device=dev))  # [R] rows with T > 0
+        stochastic = bool(hot.any())  # then q is kept (for every row)
+        sample = hot & spec.sample_children
     sts = sts_per_position(sts_temperatures, gamma)
     # The parents being expanded, [R, M]: the root, then each depth's kept nodes in order.
     par_tok = anchor_ids.long()[:, None]
@@ -168,8 +183,9 @@ def draft_tree(
             logits = logits + bias.float()
         c = (position_confidence(confidence_head, markov_head, h, par_tok, sts[d])
              if confidence_head is not None else None)
-        tok, e, valid, q = children(logits, temp[:, None].expand(r, m),
-                                       c, sample[:, None].expand(r, m), spec, generator)
+        tok, e, valid, q = children(logits, temp[:, None].expand(r, m), c,
+                                    None if sample is None else sample[:, None].expand(r, m),
+                                    spec, generator)
         k = tok.shape[-1]
         valid = valid & par_valid[..., None]
         surv = torch.where(valid, par_surv[..., None] * e.double(), -1.0).reshape(r, m * k)
@@ -185,17 +201,20 @@ def draft_tree(
         if state is not None:  # children inherit the state of their parent's step
             state = state[rows, par]
         par_tok, par_surv, par_valid = level["tok"], level["surv"], level["valid"]
-    return _assemble(levels, n, sample, stochastic)
+    sampled = False if sample is None else bool(sample.any())
+    return _assemble(levels, n, sample, stochastic, sampled)
 
 
-def _assemble(levels, n, sample, stochastic) -> DraftTree:
+def _assemble(levels, n, sample, stochastic, sampled) -> DraftTree:
     """The N best kept nodes over all depths, in the global order, parents renumbered."""
     cat = {key: torch.cat([lv[key] for lv in levels], 1)
            for key in ("tok", "surv", "e", "valid", "parent", "sibling")}
     r, total = cat["tok"].shape
     dev = cat["tok"].device
     sizes = [lv["tok"].shape[1] for lv in levels]
-    offsets = torch.tensor([0] + sizes[:-1], device=dev).cumsum(0)
+    # Built on the device from Python ints (no host-to-device copy: CUDA-graph safe).
+    starts = [sum(sizes[:d]) for d in range(len(sizes))]
+    offsets = torch.cat([torch.full((1,), o, device=dev) for o in starts])
     depth = torch.cat([torch.full((s,), d + 1, device=dev) for d, s in enumerate(sizes)])
     # Concatenated by (depth, rank in depth): a stable sort on survival is the global order.
     surv = torch.where(cat["valid"], cat["surv"], -1.0)
@@ -216,7 +235,7 @@ def _assemble(levels, n, sample, stochastic) -> DraftTree:
         depth=pad(d_sel, 0), sibling=pad(cat["sibling"].gather(1, order), 0),
         confidence=pad(cat["e"].gather(1, order), 0.0),
         survival=pad(cat["surv"].gather(1, order), 0.0), count=valid.sum(1),
-        probs=probs, sampled=bool(sample.any()),
+        probs=probs, sampled=sampled,
     )
     return _pad_to(tree, n)
 

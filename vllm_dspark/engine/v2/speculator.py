@@ -37,6 +37,7 @@ from vllm.v1.worker.gpu.spec_decode.dspark.speculator import DSparkSpeculator
 
 from vllm_dspark.config import DSparkConfig, DSparkConfigError
 from vllm_dspark.decode.draft import block_confidence, sts_per_position
+from vllm_dspark.decode.tree import TreeSpec, draft_tree
 
 logger = init_logger(__name__)
 
@@ -64,6 +65,10 @@ class DSparkV2Speculator(DSparkSpeculator):
         # Debug/test knob (as on V1): append every drafted block as a JSON line.
         self._trace_path = os.environ.get("VLLM_DSPARK_TRACE_FILE") or None
         self._context_only = False  # this step: store context K/V, draft nothing
+        # Tree drafting (issue 17, not yet called by the runner): the N best nodes of the
+        # block's tree instead of the chain, N = γ (the chain's width: the same query
+        # length, graphs and scheduler slots). None: the chain.
+        self.tree_spec: TreeSpec | None = None
 
     def load_draft_model(self, target_model, target_attn_layer_names):
         model = super().load_draft_model(target_model, target_attn_layer_names)
@@ -117,6 +122,9 @@ class DSparkV2Speculator(DSparkSpeculator):
         anchor = self.input_buffers.input_ids[self._anchor_idx[:num_reqs]]
         prev = anchor
         state = markov.init_state(prev.shape, hidden) if markov is not None else None
+        if self.tree_spec is not None:
+            self._draft_tree(num_reqs, base, hidden, anchor, idx_map[:, 0])
+            return
         cache_dtype = self.draft_logits.dtype if self.draft_logits is not None else None
         for k in range(gamma):
             logits = base[:, k]
@@ -135,6 +143,30 @@ class DSparkV2Speculator(DSparkSpeculator):
                                .to(anchor.dtype)], dim=1)
             self.draft_token_confidence_probs[:num_reqs, :gamma] = block_confidence(
                 conf_head, markov, hidden, prevs, self.sts)
+
+    def enable_tree(self, spec: TreeSpec) -> None:
+        """Draft trees of ``spec.budget`` = γ nodes; the node structure lands by batch
+        row in ``tree_parents`` / ``tree_depth`` [max_num_reqs, γ], beside
+        ``draft_tokens`` (the nodes' tokens, parents first)."""
+        if spec.budget != self.num_speculative_steps:
+            raise DSparkConfigError(
+                f"a V2 draft tree has γ = {self.num_speculative_steps} nodes (the chain's "
+                f"width), got a node budget of {spec.budget}")
+        self.tree_spec = spec
+        shape, dev = self.draft_tokens.shape, self.draft_tokens.device
+        self.tree_parents = torch.full(shape, -1, dtype=torch.int64, device=dev)
+        self.tree_depth = torch.zeros(shape, dtype=torch.int64, device=dev)
+
+    def _draft_tree(self, num_reqs, base, hidden, anchor, idx_map) -> None:
+        """The block's tree (``decode.tree``, its CUDA-graph-safe build: top-k children
+        at any temperature, for the fixed-candidate verifier). It ranks children by the
+        confidence head where the draft has one, whether or not a budget reads it."""
+        tree = draft_tree(base, hidden, anchor, self.temperature[idx_map.long()],
+                          self.model.markov_head, self.model.confidence_head,
+                          self.dspark.sts_temperatures, self.tree_spec, graph_safe=True)
+        self.draft_tokens[:num_reqs] = tree.tokens
+        self.tree_parents[:num_reqs] = tree.parents
+        self.tree_depth[:num_reqs] = tree.depth
 
     def propose(self, input_batch, *args, **kwargs):
         if kwargs.get("num_speculative_tokens") == 0 and not kwargs.get("dummy_run", False):
