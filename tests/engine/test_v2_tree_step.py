@@ -137,6 +137,18 @@ def _v2_tree_decoding():
         verdict = tree_accept(per_row, draft_tokens[rows], parents[rows], admitted,
                               torch.zeros(r, device=DEVICE))
         sampled, num_sampled = tree_step.sampled_from_verdict(verdict)
+        # The sampler brick: V2's rows drawn first (here argmax: greedy), then the walk.
+        keys = []
+        v2, sampled2, num_sampled2 = tree_step.tree_sample(
+            logits[logits_indices], query_start, cu_num_logits, idx, idx[b_of],
+            positions[logits_indices], draft_tokens, parents, depth,
+            lambda lg, eim, key: keys.append(key.clone()) or lg.argmax(-1))
+        for f in ("accepted", "num_accepted", "tokens", "num_emitted"):
+            assert torch.equal(getattr(v2, f), getattr(verdict, f)), f
+        assert torch.equal(sampled2, sampled) and torch.equal(num_sampled2, num_sampled)
+        root = context[b_of]  # a node draws at the root's position + its depth
+        node_depth = depth[idx.long()[b_of], (j_of - 1).clamp(min=0)]
+        assert torch.equal(keys[0], torch.where(j_of >= 1, root + node_depth, root))
         num_sampled, num_rejected = ib.get_num_sampled_and_rejected(
             num_sampled, seq_lens, cu_num_logits, idx, prefill_len)
         tree_step.compact_target_kv(kvs, table, context, verdict)
@@ -176,4 +188,66 @@ else:
 
     def test_v2_tree_step_through_vllms_kernels_in_the_interpreter():
         run_in_triton_interpreter(__file__, "decodes_to_dense_greedy",
-                                  r"1 passed(, \d+ warnings?)? in ", one_thread=True)
+                                  r"1 passed, \d+ deselected(, \d+ warnings?)? in ", one_thread=True)
+
+
+def test_tree_sample_draws_rows_then_walks_at_any_temperature():
+    """``tree_sample`` on a mixed V2 layout (a prefill row with one logits row, requests
+    with fewer admitted nodes than the tree holds), with a seeded draw per (request
+    state, key position) standing in for V2's Gumbel sampler: the verdict of the logits
+    walk (``tree_accept_ref``) with the same noise, at T = 0 and T > 0."""
+    from vllm_dspark.kernels.tree_accept import tree_accept_ref
+
+    g = torch.Generator().manual_seed(7)
+    r, n, v, max_reqs = 4, 6, 29, 6
+    idx = torch.tensor([5, 1, 3, 0], dtype=torch.int32)
+    temp_by_state = torch.tensor([0.0, 0.8, 0.0, 1.5, 0.0, 1.0])
+    parents = torch.full((max_reqs, n), -1, dtype=torch.long)
+    depth = torch.zeros(max_reqs, n, dtype=torch.long)
+    tokens = torch.randint(0, v, (max_reqs, n), generator=g)
+    for s in range(max_reqs):  # random trees, parents first
+        for i in range(1, n):
+            parents[s, i] = int(torch.randint(-1, i, (), generator=g))
+        for i in range(n):
+            depth[s, i] = 1 if parents[s, i] < 0 else depth[s, parents[s, i]] + 1
+    num_logits = torch.tensor([1 + n, 1, 1 + 3, 1 + n])  # request 1: a prefill chunk
+    query_len = num_logits + torch.tensor([0, 9, 0, 0])
+    query_start = torch.cat([torch.zeros(1, dtype=torch.long), query_len.cumsum(0)]).int()
+    cu_num_logits = torch.cat([torch.zeros(1, dtype=torch.long), num_logits.cumsum(0)]).int()
+    total = int(cu_num_logits[-1])
+    b_of, j_of, _ = tree_step.logits_rows(query_start, cu_num_logits, total)
+    root_pos = torch.tensor([40, 12, 7, 90])
+    pos = root_pos[b_of] + j_of  # chain positions (the root's is real)
+    logits = torch.randn(total, v, generator=g)
+    for i in range(total):  # the target often agrees with a child of the row's node
+        b, j = int(b_of[i]), int(j_of[i])
+        kids = (parents[int(idx[b])] == j - 1).nonzero().flatten()
+        if len(kids) and (j == 0 or float(torch.rand((), generator=g)) < 0.8):
+            pick = int(kids[int(torch.randint(0, len(kids), (), generator=g))])
+            logits[i, tokens[int(idx[b]), pick]] += 8.0
+    noise = -torch.empty(max_reqs, 200, v).exponential_(generator=g).log()
+
+    def draw(lg, eim, key):  # seeded by (request state, key position), as V2's sampler
+        t = temp_by_state[eim.long()][:, None]
+        hot = t > 0
+        return torch.where(hot, lg / torch.where(hot, t, 1) + noise[eim.long(), key], lg
+                           ).argmax(-1)
+
+    eim = idx[b_of]
+    verdict, sampled, num_sampled = tree_step.tree_sample(
+        logits, query_start, cu_num_logits, idx, eim, pos, tokens, parents, depth, draw)
+    rows = idx.long()
+    dense = torch.zeros(r, n + 1, v)
+    dense[b_of, j_of] = logits
+    d = depth[rows[b_of], (j_of - 1).clamp(min=0)]
+    key = torch.where(j_of >= 1, root_pos[b_of] + d, root_pos[b_of])
+    gum = torch.zeros(r, n + 1, v)
+    gum[b_of, j_of] = noise[rows[b_of], key]
+    want = tree_accept_ref(dense, tokens[rows], parents[rows], num_logits - 1,
+                           temp_by_state[rows], gum)
+    for f in ("accepted", "num_accepted", "tokens", "num_emitted"):
+        assert torch.equal(getattr(verdict, f), getattr(want, f)), f
+    assert int(verdict.num_accepted[1]) == 0 and int(num_sampled[1]) == 1  # prefill row
+    assert int(verdict.num_accepted.sum()) > 0
+    assert torch.equal(num_sampled, want.num_emitted.int())
+    assert torch.equal(sampled, want.tokens.clamp(min=0))

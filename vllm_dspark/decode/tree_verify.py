@@ -124,3 +124,41 @@ def _recursive_rejection(tree, b, toks, options, p, noise, cur):
         if float(residual.sum()) > 0:  # 0 only if p = q up to rounding: keep p then
             p = residual / residual.sum()
     return None, int((p.float().log() + noise.gumbel[b, cur + 1]).argmax())
+
+
+@torch.no_grad()
+def walk_draws(draws: torch.Tensor, tokens: torch.Tensor, parents: torch.Tensor,
+               admitted: torch.Tensor) -> TreeVerdict:
+    """The acceptance walk over target draws made beforehand, one per tree row.
+
+    ``draws`` [R, N+1]: row 0 the root's, row 1 + i node i's draw from the target's
+    distribution there (its argmax at T = 0); ``tokens``/``parents`` [R, N] the tree,
+    ``admitted`` [R] how many nodes take part. From the root, descend to the admitted
+    child whose token is the current row's draw; the first draw with no such child is
+    the bonus. Only the draws along the walked path are read, one per depth, so drawing
+    every row first (one batched sampler call, as vLLM's V2 runner samples) gives the
+    same law as drawing at each node on the way: exact at any temperature for trees with
+    deterministic children (``kernels.tree_accept`` walks logits and noise the same way).
+    Fixed shapes, no host sync (N + 1 steps)."""
+    r, n = tokens.shape
+    dev = tokens.device
+    rows = torch.arange(r, device=dev)
+    node = torch.arange(n, device=dev)
+    live = node[None, :] < admitted[:, None]
+    accepted = torch.full((r, n), -1, dtype=torch.long, device=dev)
+    emitted = torch.full((r, n + 1), -1, dtype=torch.long, device=dev)
+    num = torch.zeros(r, dtype=torch.long, device=dev)
+    cur = torch.full((r,), -1, dtype=torch.long, device=dev)
+    active = torch.ones(r, dtype=torch.bool, device=dev)
+    for step in range(n + 1):
+        x = draws[rows, cur + 1].long()
+        child = live & (parents == cur[:, None]) & (tokens == x[:, None])
+        found = child.any(-1) & active
+        nxt = torch.where(child, node, n).amin(-1)
+        emitted[:, step] = torch.where(active, x, emitted[:, step])
+        if step < n:
+            accepted[:, step] = torch.where(found, nxt, accepted[:, step])
+        num += found.long()
+        cur = torch.where(found, nxt, cur)
+        active = found
+    return TreeVerdict(accepted, num, emitted, num + 1)

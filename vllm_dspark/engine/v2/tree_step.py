@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import torch
 
-from vllm_dspark.decode.tree_verify import TreeVerdict, kept_rows
+from vllm_dspark.decode.tree_verify import TreeVerdict, kept_rows, walk_draws
 from vllm_dspark.kernels.kv_compact import compact_kv
 
 
@@ -99,3 +99,37 @@ def compact_target_kv(kv_caches: list[torch.Tensor], block_table: torch.Tensor,
     num_kept = verdict.num_accepted + 1
     for kv in kv_caches:
         compact_kv(kv[0], kv[1], block_table, context_lens.long(), kept, num_kept)
+
+
+def tree_sample(logits: torch.Tensor, query_start_loc: torch.Tensor,
+                cu_num_logits: torch.Tensor, idx_mapping: torch.Tensor,
+                expanded_idx_mapping: torch.Tensor, pos: torch.Tensor,
+                draft_tokens: torch.Tensor, parents: torch.Tensor, depth: torch.Tensor,
+                draw) -> tuple[TreeVerdict, torch.Tensor, torch.Tensor]:
+    """The rejection sampler's work for tree rows: (verdict, sampled [R, N+1],
+    num_sampled [R]).
+
+    ``logits`` [L, V]: the step's logits rows with the sampling parameters applied (V2's
+    ``apply_sampling_params``), each request's last ``num_logits`` rows = [root, nodes];
+    ``pos`` [L] their chain positions (the root's is its real one); ``draft_tokens``,
+    ``parents``, ``depth`` [max_reqs, N] by request state. ``draw(logits, expanded_idx_
+    mapping, pos)`` draws one token per row: V2's seeded Gumbel sampler (argmax on
+    greedy rows). Each node row draws at the root's position + its depth, the position
+    before the token it predicts, which is how a chain (and plain decoding) keys the
+    draw of that token: the tokens a request emits are drawn as without speculation."""
+    total = logits.shape[0]
+    r = idx_mapping.shape[0]
+    n = draft_tokens.shape[1]
+    b, j, _ = logits_rows(query_start_loc, cu_num_logits, total)
+    state = idx_mapping.long()[b].clamp(min=0)
+    d = depth[state, (j - 1).clamp(min=0)]
+    root_pos = pos[torch.arange(total, device=pos.device) - j]
+    key = torch.where(j >= 1, root_pos + d.to(pos.dtype), pos)
+    drawn = draw(logits, expanded_idx_mapping, key)  # [L]
+    dense = torch.full((r, n + 1), -1, dtype=torch.long, device=logits.device)
+    dense[b, j] = drawn.long()
+    num_logits = (cu_num_logits[1:] - cu_num_logits[:-1]).long()
+    states = idx_mapping.long().clamp(min=0)
+    verdict = walk_draws(dense, draft_tokens[states], parents[states], num_logits - 1)
+    sampled, num_sampled = sampled_from_verdict(verdict)
+    return verdict, sampled, num_sampled
