@@ -142,7 +142,7 @@ def _v2_tree_decoding():
         v2, sampled2, num_sampled2 = tree_step.tree_sample(
             logits[logits_indices], query_start, cu_num_logits, idx, idx[b_of],
             positions[logits_indices], draft_tokens, parents, depth,
-            lambda lg, eim, key: keys.append(key.clone()) or lg.argmax(-1))
+            lambda lg, eim, key, keys=keys: keys.append(key.clone()) or lg.argmax(-1))
         for f in ("accepted", "num_accepted", "tokens", "num_emitted"):
             assert torch.equal(getattr(v2, f), getattr(verdict, f)), f
         assert torch.equal(sampled2, sampled) and torch.equal(num_sampled2, num_sampled)
@@ -188,7 +188,8 @@ else:
 
     def test_v2_tree_step_through_vllms_kernels_in_the_interpreter():
         run_in_triton_interpreter(__file__, "decodes_to_dense_greedy",
-                                  r"1 passed, \d+ deselected(, \d+ warnings?)? in ", one_thread=True)
+                                  r"1 passed, \d+ deselected(, \d+ warnings?)? in ",
+                                  one_thread=True)
 
 
 def test_tree_sample_draws_rows_then_walks_at_any_temperature():
