@@ -62,8 +62,11 @@ class ToyLM:
         x = self.emb[tp.input_ids]
         for lw, kc, vc in zip(self.layers, k_caches, v_caches):
             q, k, v = self._qkv(x, lw, tp.positions)
-            kc.view(-1, KV_HEADS, HD)[tp.slots] = k
-            vc.view(-1, KV_HEADS, HD)[tp.slots] = v
+            # By (block, offset), as vLLM's cache writes: the caches may be strided views
+            # of one K/V tensor (FlashAttention's layout in vLLM 0.32).
+            blk, off = tp.slots // kc.shape[1], tp.slots % kc.shape[1]
+            kc[blk, off] = k
+            vc[blk, off] = v
             att = tree_attention(q, kc, vc, table, tp.context_lens, tp.query_start,
                                  tp.tree_mask, HD ** -0.5)
             x = self._mlp(x + att.reshape(x.shape[0], -1) @ lw["o"], lw)

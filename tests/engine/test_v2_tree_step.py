@@ -76,9 +76,12 @@ def _v2_tree_decoding():
     per_req = -(-max_len // BS)
     order = torch.randperm(r * per_req + 3, generator=g)
     table = order[: r * per_req].view(r, per_req).int().to(DEVICE)  # by batch row
-    kvs = [torch.zeros(2, r * per_req + 3, BS, KV_HEADS, HD, device=DEVICE)
+    # vLLM 0.32's FlashAttention layout [blocks, kv_heads, block_size, 2·head_dim]; the
+    # model writes and reads K and V through the strided views the backend splits.
+    kvs = [torch.zeros(r * per_req + 3, KV_HEADS, BS, 2 * HD, device=DEVICE)
            for _ in range(LAYERS)]
-    kc, vc = [kv[0] for kv in kvs], [kv[1] for kv in kvs]
+    views = [tree_step.flash_attn_kv_views(kv, HD) for kv in kvs]
+    kc, vc = [k for k, _ in views], [v for _, v in views]
     # Set-up (not under test): each prompt but its last token into the cache; the last
     # token plays the first sampled one, so prefill_len = len - 1.
     longest = max(len(p) for p in prompts) - 1
@@ -151,7 +154,7 @@ def _v2_tree_decoding():
         assert torch.equal(keys[0], torch.where(j_of >= 1, root + node_depth, root))
         num_sampled, num_rejected = ib.get_num_sampled_and_rejected(
             num_sampled, seq_lens, cu_num_logits, idx, prefill_len)
-        tree_step.compact_target_kv(kvs, table, context, verdict)
+        tree_step.compact_target_kv(views, table, context, verdict)
         tree_step.kept_rows_first([hidden], query_start, cu_num_logits, verdict, total)
         tree_step.set_chain_positions(positions, query_start, cu_num_logits, total)
         ib.post_update(idx, num_computed, last_sampled, None, sampled, num_sampled,

@@ -89,16 +89,28 @@ def sampled_from_verdict(verdict: TreeVerdict) -> tuple[torch.Tensor, torch.Tens
     return verdict.tokens.clamp(min=0), verdict.num_emitted.to(torch.int32)
 
 
-def compact_target_kv(kv_caches: list[torch.Tensor], block_table: torch.Tensor,
-                      context_lens: torch.Tensor, verdict: TreeVerdict) -> None:
+def flash_attn_kv_views(kv_cache: torch.Tensor, head_size: int
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer's K and V caches as views [blocks, block_size, kv_heads, head_dim] of
+    vLLM 0.32's FlashAttention cache [blocks, kv_heads, block_size, 2·head_dim], split as
+    its ``FlashAttentionImpl.forward`` splits it (strided views; our kernels take
+    strides)."""
+    k, v = kv_cache.transpose(1, 2).split(head_size, dim=-1)
+    return k, v
+
+
+def compact_target_kv(kv_views: list[tuple[torch.Tensor, torch.Tensor]],
+                      block_table: torch.Tensor, context_lens: torch.Tensor,
+                      verdict: TreeVerdict) -> None:
     """Each target layer's K/V of the kept rows into slots context_lens + 0, 1, ..
-    (``kernels.kv_compact``). ``kv_caches``: per layer [2, blocks, block_size, kv_heads,
-    head_dim] (FlashAttention's layout); ``block_table``/``context_lens`` by batch row;
-    ``context_lens`` = num_computed before the step's update (the root's position)."""
+    (``kernels.kv_compact``). ``kv_views``: per layer (K, V) [blocks, block_size,
+    kv_heads, head_dim] (``flash_attn_kv_views``); ``block_table``/``context_lens`` by
+    batch row; ``context_lens`` = num_computed before the step's update (the root's
+    position)."""
     kept = kept_rows(verdict).clamp(min=0)
     num_kept = verdict.num_accepted + 1
-    for kv in kv_caches:
-        compact_kv(kv[0], kv[1], block_table, context_lens.long(), kept, num_kept)
+    for k, v in kv_views:
+        compact_kv(k, v, block_table, context_lens.long(), kept, num_kept)
 
 
 def tree_sample(logits: torch.Tensor, query_start_loc: torch.Tensor,
