@@ -1,0 +1,108 @@
+"""The target's tree attention on V2 (``engine/v2/tree_attention.py``), on CPU: a
+causal stand-in for vLLM 0.32's FlashAttention (its forward's signature and its KV
+layout [blocks, kv_heads, block_size, 2·head_dim]) wrapped by ``with_tree_rows``. Tree
+requests' rows must come out as dense attention over [context, ancestors, self] computed
+from the raw K/V; a prefill chunk in the same step keeps its causal rows."""
+
+import torch
+
+from vllm_dspark.decode.tree_attention import ancestor_mask
+from vllm_dspark.engine.v2 import tree_attention as ta
+from vllm_dspark.engine.v2.tree_step import flash_attn_kv_views
+
+BS, KVH, H, D = 4, 2, 4, 8
+
+
+def dense_attention(q, k, v, allowed, scale):
+    """q [Q, H, D], k/v [L, KVH, D], allowed [Q, L] -> [Q, H, D]."""
+    k = k.repeat_interleave(H // KVH, dim=1)
+    v = v.repeat_interleave(H // KVH, dim=1)
+    s = torch.einsum("qhd,khd->hqk", q, k) * scale
+    s = s.masked_fill(~allowed, float("-inf"))
+    return torch.einsum("hqk,khd->qhd", s.softmax(-1), v)
+
+
+class CausalFlash:
+    """FlashAttention's part a tree step keeps: write the step's K/V by slot, then
+    causal attention per request over the paged cache."""
+
+    head_size, scale = D, D ** -0.5
+
+    def forward(self, layer, query, key, value, kv_cache, md, output):
+        kc, vc = flash_attn_kv_views(kv_cache, D)
+        kc[md.slot_mapping // BS, md.slot_mapping % BS] = key
+        vc[md.slot_mapping // BS, md.slot_mapping % BS] = value
+        out = output.view(output.shape[0], H, D)
+        for r in range(md.block_table.shape[0]):
+            lo, hi = int(md.query_start_loc[r]), int(md.query_start_loc[r + 1])
+            seq = int(md.seq_lens[r])
+            pos = torch.arange(seq)
+            blk = md.block_table[r, pos // BS].long()
+            qpos = torch.arange(seq - (hi - lo), seq)
+            out[lo:hi] = dense_attention(query[lo:hi], kc[blk, pos % BS], vc[blk, pos % BS],
+                                         pos[None, :] <= qpos[:, None], self.scale)
+        return output
+
+
+CausalFlash.forward = ta.with_tree_rows(CausalFlash.forward)
+
+
+def test_tree_rows_get_tree_attention_and_the_rest_stays_causal():
+    g = torch.Generator().manual_seed(0)
+    n = 4  # nodes per tree
+    # batch rows: a tree (4 admitted), a prefill chunk (6 rows, 1 logits row), a tree
+    # (2 of its 4 nodes admitted); request states shuffled
+    context = torch.tensor([9, 5, 3])
+    query_len = torch.tensor([1 + 4, 6, 1 + 2])
+    num_logits = torch.tensor([1 + 4, 1, 1 + 2])
+    idx = torch.tensor([2, 0, 1], dtype=torch.int32)
+    qsl = torch.cat([torch.zeros(1, dtype=torch.long), query_len.cumsum(0)]).int()
+    cu = torch.cat([torch.zeros(1, dtype=torch.long), num_logits.cumsum(0)]).int()
+    parents = torch.tensor([[-1, 0, 1, 0], [-1, -1, 0, 2], [-1, 0, -1, 1]])  # by state
+    num_computed = torch.zeros(3, dtype=torch.long)
+    num_computed[idx.long()] = context
+    seq = context + query_len
+    per_req = int((-(-seq // BS)).max())
+    table = torch.randperm(3 * per_req + 2, generator=g)[: 3 * per_req].view(3, per_req).int()
+    t = int(qsl[-1])
+    pos = torch.cat([torch.arange(int(c), int(s)) for c, s in zip(context, seq)])
+    b_of = torch.searchsorted(qsl[1:].long(), torch.arange(t), right=True)
+    slots = table[b_of, pos // BS].long() * BS + pos % BS
+    kv = torch.zeros(3 * per_req + 2, KVH, BS, 2 * D)
+    kc, vc = flash_attn_kv_views(kv, D)
+    ctx_k = torch.randn(3, 16, KVH, D, generator=g)  # the cached context of each request
+    ctx_v = torch.randn(3, 16, KVH, D, generator=g)
+    for r in range(3):
+        p = torch.arange(int(context[r]))
+        kc[table[r, p // BS].long(), p % BS] = ctx_k[r, : len(p)]
+        vc[table[r, p // BS].long(), p % BS] = ctx_v[r, : len(p)]
+    q = torch.randn(t, H, D, generator=g)
+    k = torch.randn(t, KVH, D, generator=g)
+    v = torch.randn(t, KVH, D, generator=g)
+    md = type("Md", (), dict(slot_mapping=slots, block_table=table, query_start_loc=qsl,
+                             seq_lens=seq))()
+    impl = CausalFlash()
+
+    ta.set_step(None)
+    causal = impl.forward(None, q, k, v, kv.clone(), md, torch.zeros(t, H * D))
+    step = ta.tree_rows(qsl, cu, idx, num_computed, parents)
+    assert step.reqs.tolist() == [0, 2] and step.rows.tolist() == [0, 1, 2, 3, 4, 11, 12, 13]
+    ta.set_step(step)
+    try:
+        out = impl.forward(None, q, k, v, kv, md, torch.zeros(t, H * D)).view(t, H, D)
+    finally:
+        ta.set_step(None)
+    prefill = slice(int(qsl[1]), int(qsl[2]))
+    torch.testing.assert_close(out[prefill], causal.view(t, H, D)[prefill])
+    for b in (0, 2):
+        lo, a = int(qsl[b]), int(num_logits[b]) - 1
+        anc = ancestor_mask(parents[int(idx[b])][None, :a])[0]  # [1+a, 1+a]
+        c = int(context[b])
+        allowed = torch.cat([torch.ones(1 + a, c, dtype=torch.bool), anc], 1)
+        keys = torch.cat([ctx_k[b, :c], k[lo: lo + 1 + a]])
+        vals = torch.cat([ctx_v[b, :c], v[lo: lo + 1 + a]])
+        want = dense_attention(q[lo: lo + 1 + a], keys, vals, allowed, impl.scale)
+        torch.testing.assert_close(out[lo: lo + 1 + a], want, atol=1e-5, rtol=1e-5)
+    # Node 3 of the first tree (parent node 0) saw nodes 1 and 2 under causal attention.
+    assert not torch.allclose(out[4], causal.view(t, H, D)[4])
+    assert ta.tree_rows(qsl, torch.arange(4).int(), idx, num_computed, parents) is None

@@ -1,0 +1,93 @@
+"""The target's attention for draft-tree rows on vLLM's V2 runner (issue 17).
+
+vLLM 0.32's FlashAttention backend knows causal and bidirectional masks only. A tree
+step keeps it for everything it does right — writing the step's K/V into the cache,
+and every row of a request without a tree (prefill chunks, requests without drafts) —
+and then recomputes the rows of tree requests with ``kernels.tree_attention`` (paged
+context + ancestor mask), writing over FlashAttention's causal output for those rows.
+A node then sees the cached context, the root, its ancestors and itself, never another
+branch; causal attention had let it see every earlier node.
+
+``TreeRows`` is what one step's tree requests need (built by ``tree_rows`` from V2's
+per-step buffers before the target's forward, and cleared after it, so the drafter's
+attention, which runs later in the step, is never touched). ``with_tree_rows`` wraps an
+attention implementation's ``forward``; the runner's patch (not yet written) installs
+it on ``FlashAttentionImpl`` and sets the step. ``tree_rows`` reads shapes back to the
+host (``nonzero``): it serves eager (piecewise-graphed) target steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from vllm_dspark.decode.tree_attention import ancestor_mask
+from vllm_dspark.engine.v2.tree_step import flash_attn_kv_views
+from vllm_dspark.kernels.tree_attention import tree_attention
+
+
+@dataclass
+class TreeRows:
+    rows: torch.Tensor  # [T'] the step's query rows of tree requests, request by request
+    reqs: torch.Tensor  # [R'] their batch rows
+    query_start: torch.Tensor  # [R'+1] int32 into ``rows``
+    context_lens: torch.Tensor  # [R'] tokens before each root (its KV slot offset)
+    mask: torch.Tensor  # [R', N+1, N+1] bool: root, then the admitted nodes
+
+
+def tree_rows(query_start_loc: torch.Tensor, cu_num_logits: torch.Tensor,
+              idx_mapping: torch.Tensor, num_computed: torch.Tensor,
+              parents: torch.Tensor) -> TreeRows | None:
+    """The step's tree requests: those with drafts (more than one logits row), whose
+    logits rows are their whole query [root, admitted nodes]. ``num_computed`` and
+    ``parents`` [max_reqs, N] by request state; the rest by batch row. None: no tree."""
+    num_logits = (cu_num_logits[1:] - cu_num_logits[:-1]).long()
+    reqs = (num_logits > 1).nonzero().flatten()
+    if reqs.numel() == 0:
+        return None
+    n = num_logits[reqs]
+    query_start = torch.zeros(reqs.numel() + 1, dtype=torch.int32, device=n.device)
+    query_start[1:] = n.cumsum(0)
+    end = query_start_loc.long()[reqs + 1]
+    local = torch.arange(int(query_start[-1]), device=n.device)
+    owner = torch.searchsorted(query_start[1:].long(), local, right=True)
+    rows = end[owner] - n[owner] + (local - query_start.long()[owner])
+    states = idx_mapping.long()[reqs]
+    mask = ancestor_mask(parents[states])
+    # Nodes past a request's admitted count are not in its query: they see nothing here.
+    live = torch.arange(mask.shape[1], device=n.device)[None, :] < n[:, None]
+    mask = mask & live[:, :, None] & live[:, None, :]
+    return TreeRows(rows, reqs, query_start, num_computed.long()[states], mask)
+
+
+def tree_forward(impl, query: torch.Tensor, kv_cache: torch.Tensor, attn_metadata,
+                 output: torch.Tensor, step: TreeRows) -> None:
+    """Overwrite the tree rows of ``output`` with tree attention (module doc). The
+    step's K/V are already in ``kv_cache`` (FlashAttention wrote them)."""
+    k, v = flash_attn_kv_views(kv_cache, impl.head_size)
+    heads = query.shape[1]
+    att = tree_attention(query[step.rows], k, v, attn_metadata.block_table[step.reqs],
+                         step.context_lens, step.query_start, step.mask, impl.scale)
+    output.view(output.shape[0], heads, -1)[step.rows] = att.to(output.dtype)
+
+
+_STEP: TreeRows | None = None  # this step's tree rows, around the target's forward only
+
+
+def set_step(step: TreeRows | None) -> None:
+    global _STEP
+    _STEP = step
+
+
+def with_tree_rows(original):
+    """``forward`` of an attention implementation (FlashAttention's signature in vLLM
+    0.32), then the tree rows over its output when a tree step is set."""
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args,
+                **kwargs):
+        out = original(self, layer, query, key, value, kv_cache, attn_metadata, output,
+                       *args, **kwargs)
+        if _STEP is not None and attn_metadata is not None:
+            tree_forward(self, query, kv_cache, attn_metadata, out, _STEP)
+        return out
+    return forward
