@@ -49,8 +49,7 @@ CausalFlash.forward = ta.with_tree_rows(CausalFlash.forward)
 
 def test_tree_rows_get_tree_attention_and_the_rest_stays_causal():
     g = torch.Generator().manual_seed(0)
-    n = 4  # nodes per tree
-    # batch rows: a tree (4 admitted), a prefill chunk (6 rows, 1 logits row), a tree
+    # batch rows: a tree of 4 nodes (all admitted), a prefill chunk (6 rows, 1 logits row), a tree
     # (2 of its 4 nodes admitted); request states shuffled
     context = torch.tensor([9, 5, 3])
     query_len = torch.tensor([1 + 4, 6, 1 + 2])
