@@ -5,6 +5,8 @@ attention, as an engine's runner would run it. Shared by tests/decode/test_tree_
 
 import torch
 
+from vllm_dspark.engine.v2.tree_attention import with_tree_rows
+from vllm_dspark.engine.v2.tree_step import flash_attn_kv_views
 from vllm_dspark.kernels.tree_attention import tree_attention
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -71,6 +73,56 @@ class ToyLM:
                                  tp.tree_mask, HD ** -0.5)
             x = self._mlp(x + att.reshape(x.shape[0], -1) @ lw["o"], lw)
         return (x @ self.head, x) if with_hidden else x @ self.head
+
+
+    def flash_logits(self, ids, positions, md, kv_caches, impl, with_hidden=False):
+        """One pass as vLLM's V2 runner runs the target: each layer's attention through
+        ``impl.forward`` (FlashAttention's signature) on caches in its 0.32 layout."""
+        x = self.emb[ids]
+        for lw, kv in zip(self.layers, kv_caches):
+            q, k, v = self._qkv(x, lw, positions)
+            out = torch.zeros(x.shape[0], HEADS * HD, device=DEVICE)
+            impl.forward(None, q, k, v, kv, md, out)
+            x = self._mlp(x + out @ lw["o"], lw)
+        return (x @ self.head, x) if with_hidden else x @ self.head
+
+
+def dense_attention(q, k, v, allowed, scale):
+    """q [Q, H, D], k/v [L, KVH, D], allowed [Q, L] -> [Q, H, D] (float32 inside)."""
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, dim=1).float(), v.repeat_interleave(rep, dim=1).float()
+    s = torch.einsum("qhd,khd->hqk", q.float(), k) * scale
+    s = s.masked_fill(~allowed, float("-inf"))
+    return torch.einsum("hqk,khd->qhd", s.softmax(-1), v).to(q.dtype)
+
+
+class CausalFlash:
+    """A stand-in for vLLM 0.32's FlashAttentionImpl, the part a tree step keeps: write
+    the step's K/V by slot, then causal attention per request over the paged cache
+    [blocks, kv_heads, block_size, 2·head_dim]. Its forward is wrapped by the plugin's
+    ``with_tree_rows``, as the runner's patch wraps FlashAttention's."""
+
+    def __init__(self, head_size):
+        self.head_size, self.scale = head_size, head_size ** -0.5
+
+    def _forward(self, layer, query, key, value, kv_cache, md, output):
+        kc, vc = flash_attn_kv_views(kv_cache, self.head_size)
+        bs = kc.shape[1]
+        slots = md.slot_mapping[: query.shape[0]]
+        kc[slots // bs, slots % bs] = key
+        vc[slots // bs, slots % bs] = value
+        out = output.view(output.shape[0], query.shape[1], self.head_size)
+        for r in range(md.query_start_loc.shape[0] - 1):
+            lo, hi = int(md.query_start_loc[r]), int(md.query_start_loc[r + 1])
+            seq = int(md.seq_lens[r])
+            pos = torch.arange(seq, device=query.device)
+            blk = md.block_table[r, pos // bs].long()
+            qpos = torch.arange(seq - (hi - lo), seq, device=query.device)
+            out[lo:hi] = dense_attention(query[lo:hi], kc[blk, pos % bs], vc[blk, pos % bs],
+                                         pos[None, :] <= qpos[:, None], self.scale)
+        return output
+
+    forward = with_tree_rows(_forward)
 
 
 def dense_greedy(model, prompt, new):

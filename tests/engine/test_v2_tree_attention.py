@@ -5,46 +5,13 @@ requests' rows must come out as dense attention over [context, ancestors, self] 
 from the raw K/V; a prefill chunk in the same step keeps its causal rows."""
 
 import torch
+from paged_toy import CausalFlash, dense_attention
 
 from vllm_dspark.decode.tree_attention import ancestor_mask
 from vllm_dspark.engine.v2 import tree_attention as ta
 from vllm_dspark.engine.v2.tree_step import flash_attn_kv_views
 
 BS, KVH, H, D = 4, 2, 4, 8
-
-
-def dense_attention(q, k, v, allowed, scale):
-    """q [Q, H, D], k/v [L, KVH, D], allowed [Q, L] -> [Q, H, D]."""
-    k = k.repeat_interleave(H // KVH, dim=1)
-    v = v.repeat_interleave(H // KVH, dim=1)
-    s = torch.einsum("qhd,khd->hqk", q, k) * scale
-    s = s.masked_fill(~allowed, float("-inf"))
-    return torch.einsum("hqk,khd->qhd", s.softmax(-1), v)
-
-
-class CausalFlash:
-    """FlashAttention's part a tree step keeps: write the step's K/V by slot, then
-    causal attention per request over the paged cache."""
-
-    head_size, scale = D, D ** -0.5
-
-    def forward(self, layer, query, key, value, kv_cache, md, output):
-        kc, vc = flash_attn_kv_views(kv_cache, D)
-        kc[md.slot_mapping // BS, md.slot_mapping % BS] = key
-        vc[md.slot_mapping // BS, md.slot_mapping % BS] = value
-        out = output.view(output.shape[0], H, D)
-        for r in range(md.block_table.shape[0]):
-            lo, hi = int(md.query_start_loc[r]), int(md.query_start_loc[r + 1])
-            seq = int(md.seq_lens[r])
-            pos = torch.arange(seq)
-            blk = md.block_table[r, pos // BS].long()
-            qpos = torch.arange(seq - (hi - lo), seq)
-            out[lo:hi] = dense_attention(query[lo:hi], kc[blk, pos % BS], vc[blk, pos % BS],
-                                         pos[None, :] <= qpos[:, None], self.scale)
-        return output
-
-
-CausalFlash.forward = ta.with_tree_rows(CausalFlash.forward)
 
 
 def test_tree_rows_get_tree_attention_and_the_rest_stays_causal():
@@ -80,7 +47,7 @@ def test_tree_rows_get_tree_attention_and_the_rest_stays_causal():
     v = torch.randn(t, KVH, D, generator=g)
     md = type("Md", (), dict(slot_mapping=slots, block_table=table, query_start_loc=qsl,
                              seq_lens=seq))()
-    impl = CausalFlash()
+    impl = CausalFlash(D)
 
     ta.set_step(None)
     causal = impl.forward(None, q, k, v, kv.clone(), md, torch.zeros(t, H * D))

@@ -17,14 +17,16 @@ vLLM's modules (``v2_input_kernels``). On a GPU it runs as is.
 """
 
 import os
+from types import SimpleNamespace
 
 import torch
 from checks import run_in_triton_interpreter
-from paged_toy import BS, DEVICE, KV_HEADS, HD, LAYERS, V, ToyLM, dense_greedy, random_tree
+from paged_toy import (BS, DEVICE, HD, KV_HEADS, LAYERS, V, CausalFlash, ToyLM, dense_greedy,
+                       random_tree)
 
 from vllm_dspark.decode.tree_attention import ancestor_mask
 from vllm_dspark.decode.tree_paged import TreePass, tree_pass_inputs
-from vllm_dspark.engine.v2 import tree_step
+from vllm_dspark.engine.v2 import tree_runner, tree_step
 from vllm_dspark.kernels.tree_accept import tree_accept
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -52,7 +54,7 @@ def chain_slots(table, idx_rows, query_start, positions, total):
     return table[b, pos // BS].long() * BS + pos % BS
 
 
-def _v2_tree_decoding():
+def _v2_tree_decoding(via_runner=False):
     ib = v2_input_kernels()
     model = ToyLM(seed=2)
     g = torch.Generator().manual_seed(3)
@@ -71,8 +73,9 @@ def _v2_tree_decoding():
     all_token_ids = torch.zeros(max_reqs, max_len + n_nodes + 2, **i32)
     total_len = torch.zeros(max_reqs, **i32)
     draft_tokens = torch.zeros(max_reqs, n_nodes, **i64)
-    depth = torch.zeros(max_reqs, n_nodes, **i64)
-    parents = torch.full((max_reqs, n_nodes), -1, **i64)
+    run = tree_runner.new_run(max_reqs, n_nodes, HD, DEVICE)
+    depth, parents = run.depth, run.parents  # by request state
+    impl = CausalFlash(HD)
     per_req = -(-max_len // BS)
     order = torch.randperm(r * per_req + 3, generator=g)
     table = order[: r * per_req].view(r, per_req).int().to(DEVICE)  # by batch row
@@ -105,8 +108,10 @@ def _v2_tree_decoding():
         seqs = [all_token_ids[int(s), : int(total_len[s])].tolist() for s in idx]
         for b, (seq, w) in enumerate(zip(seqs, want)):
             tk, pa, de = random_tree(g, w[len(seq):], n_nodes, hit=0.7)
-            s = int(idx[b])
-            draft_tokens[s], parents[s], depth[s] = (torch.tensor(x, **i64) for x in (tk, pa, de))
+            draft_tokens[int(idx[b])] = torch.tensor(tk, **i64)
+            # The drafter's trees by batch row, filed by request state.
+            tree_runner.store_tree(run, idx[b:b + 1], torch.tensor([pa], **i64),
+                                   torch.tensor([de], **i64))
         admitted = torch.tensor([(rnd + 2 * b) % (n_nodes + 1) for b in range(r)], **i64)
         query_start = torch.zeros(r + 1, **i32)
         query_start[1:] = (admitted + 1).cumsum(0)
@@ -125,38 +130,57 @@ def _v2_tree_decoding():
             assert input_ids[lo: lo + 1 + a].tolist() == [seqs[b][-1]] + \
                 draft_tokens[int(idx[b]), :a].tolist()
         slots = chain_slots(table, rows, query_start, positions, total)
-        tree_step.set_tree_positions(positions, query_start, cu_num_logits, idx, depth, total)
+        if via_runner:
+            tree_runner.begin(run, positions, query_start, cu_num_logits, idx, num_computed,
+                              table, total)
+        else:
+            tree_step.set_tree_positions(positions, query_start, cu_num_logits, idx, depth,
+                                         total)
         for b in range(r):
             lo, a = int(query_start[b]), int(admitted[b])
             assert positions[lo: lo + 1 + a].tolist() == (
                 int(context[b]) + torch.cat([torch.zeros(1, **i64), depth[int(idx[b]), :a]])
             ).tolist()
-        tp = TreePass(input_ids[:total].long(), positions[:total], slots, query_start.long(),
-                      context, ancestor_mask(parents[rows]))
-        logits, hidden = model.paged_logits(tp, table, kc, vc, with_hidden=True)
         b_of, j_of, _ = tree_step.logits_rows(query_start, cu_num_logits, total)
-        per_row = torch.zeros(r, n_nodes + 1, V, device=DEVICE)
-        per_row[b_of, j_of] = logits[logits_indices]
-        verdict = tree_accept(per_row, draft_tokens[rows], parents[rows], admitted,
-                              torch.zeros(r, device=DEVICE))
-        sampled, num_sampled = tree_step.sampled_from_verdict(verdict)
-        # The sampler brick: V2's rows drawn first (here argmax: greedy), then the walk.
-        keys = []
-        v2, sampled2, num_sampled2 = tree_step.tree_sample(
-            logits[logits_indices], query_start, cu_num_logits, idx, idx[b_of],
-            positions[logits_indices], draft_tokens, parents, depth,
-            lambda lg, eim, key, keys=keys: keys.append(key.clone()) or lg.argmax(-1))
-        for f in ("accepted", "num_accepted", "tokens", "num_emitted"):
-            assert torch.equal(getattr(v2, f), getattr(verdict, f)), f
-        assert torch.equal(sampled2, sampled) and torch.equal(num_sampled2, num_sampled)
-        root = context[b_of]  # a node draws at the root's position + its depth
-        node_depth = depth[idx.long()[b_of], (j_of - 1).clamp(min=0)]
-        assert torch.equal(keys[0], torch.where(j_of >= 1, root + node_depth, root))
-        num_sampled, num_rejected = ib.get_num_sampled_and_rejected(
-            num_sampled, seq_lens, cu_num_logits, idx, prefill_len)
-        tree_step.compact_target_kv(views, table, context, verdict)
-        tree_step.kept_rows_first([hidden], query_start, cu_num_logits, verdict, total)
-        tree_step.set_chain_positions(positions, query_start, cu_num_logits, total)
+        if via_runner:  # the forward as V2 runs it, then its sampler, then the commit
+            md = SimpleNamespace(slot_mapping=slots, block_table=table,
+                                 query_start_loc=query_start, seq_lens=seq_lens[:r])
+            logits, hidden = model.flash_logits(input_ids[:total].long(), positions[:total],
+                                                md, kvs, impl, with_hidden=True)
+            tree_runner.end_forward(run, positions, total)
+            sampled, num_sampled = tree_runner.sample(
+                run, logits[logits_indices], cu_num_logits, idx, idx[b_of],
+                positions[logits_indices], draft_tokens, lambda lg, eim, key: lg.argmax(-1))
+            verdict = run.verdicts[0]
+            num_sampled, num_rejected = ib.get_num_sampled_and_rejected(
+                num_sampled, seq_lens, cu_num_logits, idx, prefill_len)
+            tree_runner.commit(run, [hidden], total)
+        else:  # each brick by hand
+            tp = TreePass(input_ids[:total].long(), positions[:total], slots, query_start.long(),
+                          context, ancestor_mask(parents[rows]))
+            logits, hidden = model.paged_logits(tp, table, kc, vc, with_hidden=True)
+            per_row = torch.zeros(r, n_nodes + 1, V, device=DEVICE)
+            per_row[b_of, j_of] = logits[logits_indices]
+            verdict = tree_accept(per_row, draft_tokens[rows], parents[rows], admitted,
+                                  torch.zeros(r, device=DEVICE))
+            sampled, num_sampled = tree_step.sampled_from_verdict(verdict)
+            # The sampler brick: V2's rows drawn first (here argmax: greedy), then the walk.
+            keys = []
+            v2, sampled2, num_sampled2 = tree_step.tree_sample(
+                logits[logits_indices], query_start, cu_num_logits, idx, idx[b_of],
+                positions[logits_indices], draft_tokens, parents, depth,
+                lambda lg, eim, key, keys=keys: keys.append(key.clone()) or lg.argmax(-1))
+            for f in ("accepted", "num_accepted", "tokens", "num_emitted"):
+                assert torch.equal(getattr(v2, f), getattr(verdict, f)), f
+            assert torch.equal(sampled2, sampled) and torch.equal(num_sampled2, num_sampled)
+            root = context[b_of]  # a node draws at the root's position + its depth
+            node_depth = depth[idx.long()[b_of], (j_of - 1).clamp(min=0)]
+            assert torch.equal(keys[0], torch.where(j_of >= 1, root + node_depth, root))
+            num_sampled, num_rejected = ib.get_num_sampled_and_rejected(
+                num_sampled, seq_lens, cu_num_logits, idx, prefill_len)
+            tree_step.compact_target_kv(views, table, context, verdict)
+            tree_step.kept_rows_first([hidden], query_start, cu_num_logits, verdict, total)
+            tree_step.set_chain_positions(positions, query_start, cu_num_logits, total)
         ib.post_update(idx, num_computed, last_sampled, None, sampled, num_sampled,
                        num_rejected, query_start, all_token_ids, total_len)
         for b in range(r):  # what V2's drafter reads as this step's accepted context
@@ -187,11 +211,16 @@ if torch.cuda.is_available() or INTERPRETED:
     def test_v2_tree_step_decodes_to_dense_greedy():
         _v2_tree_decoding()
 
+    def test_v2_tree_runner_decodes_to_dense_greedy():
+        """The same rounds through ``tree_runner`` in the runner's order, the toy's
+        attention through a FlashAttention stand-in wrapped by ``with_tree_rows``."""
+        _v2_tree_decoding(via_runner=True)
+
 else:
 
     def test_v2_tree_step_through_vllms_kernels_in_the_interpreter():
         run_in_triton_interpreter(__file__, "decodes_to_dense_greedy",
-                                  r"1 passed, \d+ deselected(, \d+ warnings?)? in ",
+                                  r"2 passed, \d+ deselected(, \d+ warnings?)? in ",
                                   one_thread=True)
 
 

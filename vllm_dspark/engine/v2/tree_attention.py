@@ -34,6 +34,7 @@ class TreeRows:
     query_start: torch.Tensor  # [R'+1] int32 into ``rows``
     context_lens: torch.Tensor  # [R'] tokens before each root (its KV slot offset)
     mask: torch.Tensor  # [R', N+1, N+1] bool: root, then the admitted nodes
+    caches: list | None = None  # if a list: each layer's KV cache is appended to it
 
 
 def tree_rows(query_start_loc: torch.Tensor, cu_num_logits: torch.Tensor,
@@ -65,6 +66,8 @@ def tree_forward(impl, query: torch.Tensor, kv_cache: torch.Tensor, attn_metadat
                  output: torch.Tensor, step: TreeRows) -> None:
     """Overwrite the tree rows of ``output`` with tree attention (module doc). The
     step's K/V are already in ``kv_cache`` (FlashAttention wrote them)."""
+    if step.caches is not None:
+        step.caches.append(kv_cache)  # the step's target layers (for KV compaction)
     k, v = flash_attn_kv_views(kv_cache, impl.head_size)
     heads = query.shape[1]
     att = tree_attention(query[step.rows], k, v, attn_metadata.block_table[step.reqs],

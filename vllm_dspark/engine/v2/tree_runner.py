@@ -1,0 +1,119 @@
+"""One tree verification step on vLLM's V2 runner, in the order the runner runs it
+(issue 17): the bricks of ``tree_step`` and ``tree_attention`` called around the
+target's forward, its sampler and the drafter. Plain torch on V2's tensors; the
+runner's patches (``engine/v2/patches.py``, ``VLLM_DSPARK_TREE=on``) are thin adapters
+that hand these functions the runner's buffers.
+
+A step, for the requests that carry drafts (the tree's γ nodes, parents first):
+
+1. ``begin`` (after ``prepare_attn``, whose slot mapping used the chain's positions):
+   node rows get RoPE positions root + depth; the tree rows are set for the attention
+   wrapper; ``num_computed`` before the step and the block table are kept;
+2. the target's forward: FlashAttention writes K/V, ``tree_attention`` fixes the tree
+   rows and records each target layer's cache;
+3. ``end_forward``: no more tree rows (the drafter's attention runs later); positions
+   back to the chain's (the drafter reads them);
+4. ``sample`` (inside V2's rejection sampler, in place of its chain walk): the
+   acceptance walk over seeded target draws (``tree_step.tree_sample``);
+5. ``commit`` (after sampling, before the drafter): the kept rows' K/V into the chain's
+   slots in every target layer, their hidden states to the rows the drafter reads.
+
+After that V2 sees a chain of 1 + accepted tokens: its post-update, the scheduler's
+rollback by count and the drafter's context need nothing else. The drafter then drafts
+the next tree (``DSparkV2Speculator.enable_tree``), whose parents and depths
+``store_tree`` files by request state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from vllm_dspark.decode.tree_verify import TreeVerdict
+from vllm_dspark.engine.v2 import tree_attention, tree_step
+
+
+@dataclass
+class TreeRun:
+    """Per runner: the tree structure by request state, and the current step's state."""
+
+    parents: torch.Tensor  # [max_reqs, N] int64, -1 = root
+    depth: torch.Tensor  # [max_reqs, N] int64
+    head_size: int  # the target's attention head size (its KV cache layout)
+    active: bool = False  # a tree step is under way (begin .. commit)
+    context: torch.Tensor | None = None  # [R] num_computed before the step
+    block_table: torch.Tensor | None = None  # [R, blocks] (the target's KV group)
+    query_start: torch.Tensor | None = None
+    cu_num_logits: torch.Tensor | None = None
+    caches: list = field(default_factory=list)  # target layers' KV caches, this step
+    verdicts: list = field(default_factory=list)  # one per sampler chunk
+
+
+def new_run(max_reqs: int, n: int, head_size: int, device) -> TreeRun:
+    return TreeRun(torch.full((max_reqs, n), -1, dtype=torch.int64, device=device),
+                   torch.zeros(max_reqs, n, dtype=torch.int64, device=device), head_size)
+
+
+def store_tree(run: TreeRun, idx_mapping: torch.Tensor, parents: torch.Tensor,
+               depth: torch.Tensor) -> None:
+    """The drafter's new trees (by batch row) filed by request state, as V2 files
+    ``draft_tokens``."""
+    run.parents[idx_mapping.long()] = parents
+    run.depth[idx_mapping.long()] = depth
+
+
+def begin(run: TreeRun, positions: torch.Tensor, query_start_loc: torch.Tensor,
+          cu_num_logits: torch.Tensor, idx_mapping: torch.Tensor,
+          num_computed: torch.Tensor, block_table: torch.Tensor, total_logits: int) -> None:
+    """Step 1 (module doc). ``num_computed`` by request state, not yet advanced."""
+    step = tree_attention.tree_rows(query_start_loc, cu_num_logits, idx_mapping,
+                                    num_computed, run.parents)
+    run.active = step is not None
+    if not run.active:
+        return
+    tree_step.set_tree_positions(positions, query_start_loc, cu_num_logits, idx_mapping,
+                                 run.depth, total_logits)
+    run.context = num_computed.long()[idx_mapping.long()]
+    run.block_table = block_table
+    run.query_start, run.cu_num_logits = query_start_loc, cu_num_logits
+    run.caches, run.verdicts = [], []
+    step.caches = run.caches  # filled by the attention wrapper, layer by layer
+    tree_attention.set_step(step)
+
+
+def end_forward(run: TreeRun, positions: torch.Tensor, total_logits: int) -> None:
+    """Step 3 (module doc)."""
+    tree_attention.set_step(None)
+    if run.active:
+        tree_step.set_chain_positions(positions, run.query_start, run.cu_num_logits,
+                                      total_logits)
+
+
+def sample(run: TreeRun, logits, cu_num_logits, idx_mapping, expanded_idx_mapping, pos,
+           draft_tokens, draw) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step 4 for one sampler chunk: (sampled [R, N+1], num_sampled [R]) as V2's chain
+    rejection sampler returns them; the verdict is kept for ``commit``."""
+    # tree_sample reads query_start_loc only for the rows' query positions, which it
+    # does not use: the chunk's cu_num_logits stands in.
+    verdict, sampled, num_sampled = tree_step.tree_sample(
+        logits, cu_num_logits, cu_num_logits, idx_mapping, expanded_idx_mapping, pos,
+        draft_tokens, run.parents, run.depth, draw)
+    run.verdicts.append(verdict)
+    return sampled, num_sampled
+
+
+def commit(run: TreeRun, hidden: list[torch.Tensor], total_logits: int) -> None:
+    """Step 5 (module doc): ``hidden`` the target's hidden states and aux hidden
+    states [T, ...] of this step, moved in place."""
+    if not run.active:
+        return
+    v = run.verdicts
+    verdict = v[0] if len(v) == 1 else TreeVerdict(
+        *(torch.cat([getattr(x, f) for x in v]) for f in
+          ("accepted", "num_accepted", "tokens", "num_emitted")))
+    views = [tree_step.flash_attn_kv_views(c, run.head_size) for c in run.caches]
+    tree_step.compact_target_kv(views, run.block_table, run.context, verdict)
+    tree_step.kept_rows_first(hidden, run.query_start, run.cu_num_logits, verdict,
+                              total_logits)
+    run.active, run.caches, run.verdicts = False, [], []
