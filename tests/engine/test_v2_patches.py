@@ -371,7 +371,7 @@ def test_a_step_without_drafts_stores_context_and_drafts_nothing(monkeypatch):
     monkeypatch.setattr(DSparkSpeculator, "_generate_draft",
                         lambda self, *a, **kw: calls.append(("draft",)))
     sp = object.__new__(DSparkV2Speculator)
-    sp._context_only, sp._trace_path = False, None
+    sp._context_only, sp._trace_path, sp.tree_spec = False, None, None
     batch = SimpleNamespace(num_reqs=2)
     assert sp.propose(batch, num_speculative_tokens=0) == "drafts"
     assert calls == [("propose", True)] and sp._context_only is False
@@ -438,3 +438,69 @@ def test_the_v2_sequential_stage_drafts_decode_trees_tree(head):
     assert torch.equal(sp.tree_depth[:reqs], want.depth)
     assert bool((want.sibling > 0).any()), "the case should branch somewhere"
     assert (sp.draft_token_confidence_probs == -1).all()  # no budget: none computed
+
+
+@pytest.mark.parametrize("value,want", [(None, False), ("off", False), ("", False),
+                                        ("on", True), ("ON", True), ("1", True)])
+def test_the_tree_knob(monkeypatch, value, want):
+    from vllm_dspark.engine.v2.patches import tree_mode
+
+    _set_env(monkeypatch, "VLLM_DSPARK_TREE", value)
+    assert tree_mode() is want
+
+
+def test_a_bad_tree_knob_is_one_clear_error(monkeypatch):
+    from vllm_dspark.config import DSparkConfigError
+    from vllm_dspark.engine.v2.patches import tree_mode
+
+    monkeypatch.setenv("VLLM_DSPARK_TREE", "auto")
+    with pytest.raises(DSparkConfigError, match="VLLM_DSPARK_TREE='auto'.*off.*on"):
+        tree_mode()
+
+
+@pytest.mark.parametrize("case,match", [
+    ("budget", "verification budget"), ("gate", "draft gate"),
+    ("full_graphs", "PIECEWISE"), ("pp", "pipeline"), ("ok", None), ("knob_off", None)])
+def test_tree_mode_refuses_what_it_cannot_run_with(drafter_factory, monkeypatch, case, match):
+    from vllm_dspark.config import DSparkConfigError
+    from vllm_dspark.engine.v2.patches import configure_tree
+
+    monkeypatch.setenv("VLLM_DSPARK_TREE", "off" if case == "knob_off" else "on")
+    _set_env(monkeypatch, "VLLM_DSPARK_DRAFT_COST", "measure" if case == "gate" else None)
+    cfg = _config(drafter_factory("qwen3", "vanilla"),
+                  full_graphs=case in ("full_graphs", "knob_off"), pp=2 if case == "pp" else 1)
+    cfg.speculative_config.enable_adaptive_verification = case == "budget"
+    if match is None:
+        configure_tree(cfg)
+    else:
+        with pytest.raises(DSparkConfigError, match=match):
+            configure_tree(cfg)
+
+
+def test_the_tree_patch_is_installed_only_when_asked(monkeypatch):
+    """Off (the default) the tree patch wraps nothing; on, it wraps the runner's
+    prepare_attn / execute_model / sample, FlashAttention's forward and the rejection
+    sampler's chain walk, each once."""
+    from vllm.v1.attention.backends.flash_attn import FlashAttentionImpl
+    from vllm.v1.worker.gpu import model_runner
+    from vllm.v1.worker.gpu.spec_decode import rejection_sampler
+
+    from vllm_dspark.engine.v2.patches import verify_trees_on_v2
+
+    targets = [(model_runner.GPUModelRunner, "prepare_attn"),
+               (model_runner.GPUModelRunner, "execute_model"),
+               (model_runner.GPUModelRunner, "sample"), (FlashAttentionImpl, "forward"),
+               (rejection_sampler, "rejection_sample")]
+    for obj, name in targets:  # undone after the test
+        monkeypatch.setattr(obj, name, getattr(obj, name))
+    monkeypatch.delenv("VLLM_DSPARK_TREE", raising=False)
+    verify_trees_on_v2()
+    assert not any(getattr(getattr(o, n), "_dspark_wraps", ()) and any(
+        "verify_trees" in w or "with_tree_rows" in w for w in getattr(o, n)._dspark_wraps)
+        for o, n in targets)
+    monkeypatch.setenv("VLLM_DSPARK_TREE", "on")
+    verify_trees_on_v2()
+    verify_trees_on_v2()  # idempotent
+    for obj, name in targets:
+        wraps = getattr(obj, name)._dspark_wraps
+        assert sum("verify_trees" in w or "with_tree_rows" in w for w in wraps) == 1, name

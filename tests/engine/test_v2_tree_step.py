@@ -148,9 +148,11 @@ def _v2_tree_decoding(via_runner=False):
             logits, hidden = model.flash_logits(input_ids[:total].long(), positions[:total],
                                                 md, kvs, impl, with_hidden=True)
             tree_runner.end_forward(run, positions, total)
-            sampled, num_sampled = tree_runner.sample(
-                run, logits[logits_indices], cu_num_logits, idx, idx[b_of],
-                positions[logits_indices], draft_tokens, lambda lg, eim, key: lg.argmax(-1))
+            # The nodes' tokens as V2's rejection sampler has them: each logits row's
+            # input token (gather_draft_sampled).
+            sampled, num_sampled = tree_runner.sample_rows(
+                run, logits[logits_indices], input_ids[logits_indices], cu_num_logits, idx,
+                idx[b_of], positions[logits_indices], lambda lg, eim, key: lg.argmax(-1))
             verdict = run.verdicts[0]
             num_sampled, num_rejected = ib.get_num_sampled_and_rejected(
                 num_sampled, seq_lens, cu_num_logits, idx, prefill_len)

@@ -233,7 +233,135 @@ def observe_step(scheduler, gate, scheduler_output, model_runner_output) -> None
         add_pending(scheduler, {"drafted": 1} if drafted else {"skipped": 1})
 
 
-PATCHES = (schedule_verification_on_v2, install_v2_speculator, gate_drafting_in_the_scheduler)
+TREE_ENV = "VLLM_DSPARK_TREE"
+
+
+def tree_mode(environ=None) -> bool:
+    """``VLLM_DSPARK_TREE``: ``off`` (the default: chains) or ``on`` (draft trees of γ
+    nodes on the V2 runner, issue 17; not yet run on a GPU)."""
+    import os
+
+    from vllm_dspark.config import DSparkConfigError
+
+    value = (environ if environ is not None else os.environ).get(TREE_ENV, "").strip()
+    if value.lower() in ("", "off", "0"):
+        return False
+    if value.lower() in ("on", "1"):
+        return True
+    raise DSparkConfigError(f"{TREE_ENV}={value!r} is not a tree mode: use off (the "
+                            "default, chains) or on (draft trees on the V2 runner).")
+
+
+@patch(runner="V2", scope="dspark only")
+def verify_trees_on_v2() -> None:
+    """With VLLM_DSPARK_TREE=on, dspark on the V2 runner verifies draft trees of γ nodes
+    (the chain's width) instead of chains: ``engine/v2/tree_runner.py``'s step, its five
+    calls placed by wrapping the runner, its rejection sampler and FlashAttention. Off
+    (the default), nothing is installed."""
+    if not tree_mode():
+        return
+    from vllm.config import VllmConfig
+    from vllm.v1.attention.backends.flash_attn import FlashAttentionImpl
+    from vllm.v1.worker.gpu import model_runner
+    from vllm.v1.worker.gpu.spec_decode import rejection_sampler
+
+    from vllm_dspark.engine.v2 import tree_attention, tree_runner
+
+    def config(original):
+        def patched(self):
+            original(self)
+            configure_tree(self)
+        return patched
+
+    def prepare_attn(original):
+        def patched(self, input_batch):
+            out = original(self, input_batch)
+            run = tree_runner.RUN
+            if run is not None and input_batch.num_draft_tokens > 0:
+                tree_runner.begin(run, input_batch.positions, input_batch.query_start_loc,
+                                  input_batch.cu_num_logits, input_batch.idx_mapping,
+                                  self.req_states.num_computed_tokens.gpu, out[0][0],
+                                  int(input_batch.cu_num_logits_np[-1]))
+            return out
+        return patched
+
+    def execute_model(original):
+        def patched(self, *args, **kwargs):
+            try:
+                return original(self, *args, **kwargs)
+            finally:
+                tree_attention.set_step(None)
+                run, st = tree_runner.RUN, self.execute_model_state
+                if run is not None and run.active and st is not None:
+                    run.aux = st.aux_hidden_states
+                    tree_runner.end_forward(run, st.input_batch.positions,
+                                            int(st.input_batch.cu_num_logits_np[-1]))
+        return patched
+
+    def sample(original):
+        def patched(self, hidden_states, input_batch, *args, **kwargs):
+            out = original(self, hidden_states, input_batch, *args, **kwargs)
+            run = tree_runner.RUN
+            if run is not None and run.active:
+                tree_runner.commit(run, [hidden_states, *(run.aux or [])],
+                                   int(input_batch.cu_num_logits_np[-1]))
+            return out
+        return patched
+
+    def rejection_sample(original):
+        def patched(target_logits, draft_logits, draft_sampled, cu_num_logits, pos,
+                    idx_mapping, expanded_idx_mapping, expanded_local_pos, temperature,
+                    seed, *args, use_fp64=False, **kwargs):
+            run = tree_runner.RUN
+            if run is None or not run.active:
+                return original(target_logits, draft_logits, draft_sampled, cu_num_logits,
+                                pos, idx_mapping, expanded_idx_mapping, expanded_local_pos,
+                                temperature, seed, *args, use_fp64=use_fp64, **kwargs)
+            from vllm.v1.worker.gpu.sample.gumbel import gumbel_sample
+
+            def draw(logits, eim, key):  # V2's own seeded draw (argmax on greedy rows)
+                return gumbel_sample(logits, eim, temperature, seed, key,
+                                     apply_temperature=False, is_drafting=False,
+                                     use_fp64=use_fp64)
+            return tree_runner.sample_rows(run, target_logits, draft_sampled, cu_num_logits,
+                                           idx_mapping, expanded_idx_mapping, pos, draw)
+        return patched
+
+    _wrap(VllmConfig, "_validate_v2_model_runner", config)
+    _wrap(FlashAttentionImpl, "forward", tree_attention.with_tree_rows)
+    _wrap(model_runner.GPUModelRunner, "prepare_attn", prepare_attn)
+    _wrap(model_runner.GPUModelRunner, "execute_model", execute_model)
+    _wrap(model_runner.GPUModelRunner, "sample", sample)
+    _wrap(rejection_sampler, "rejection_sample", rejection_sample)
+
+
+def configure_tree(vllm_config) -> None:
+    """``verify_trees_on_v2``'s start-up checks, on a config vLLM built for V2: what the
+    first tree mode cannot run with is refused with its fix."""
+    spec = _dspark_spec(vllm_config)
+    if spec is None or not tree_mode():
+        return
+    from vllm_dspark.config import DSparkConfigError
+
+    clash = None
+    if spec.enable_adaptive_verification:
+        clash = ("the verification budget (VLLM_DSPARK_SCHEDULER=causal|async or "
+                 "enable_adaptive_verification)", "unset it")
+    elif _gate_requested():
+        clash = ("the draft gate (VLLM_DSPARK_DRAFT_COST=measure)", "unset it")
+    elif vllm_config.compilation_config.cudagraph_mode.has_full_cudagraphs():
+        clash = ("FULL CUDA graphs of the target (its tree attention runs eagerly)",
+                 "pass compilation_config={'cudagraph_mode': 'PIECEWISE'} or "
+                 "enforce_eager=True")
+    elif vllm_config.parallel_config.pipeline_parallel_size > 1:
+        clash = ("pipeline parallelism", "use one pipeline stage")
+    if clash is not None:
+        raise DSparkConfigError(f"{TREE_ENV}=on does not run with {clash[0]} yet: "
+                                f"{clash[1]}, or unset {TREE_ENV}.")
+
+
+PATCHES = (schedule_verification_on_v2, install_v2_speculator, gate_drafting_in_the_scheduler,
+           verify_trees_on_v2)
 
 
 def apply() -> None:

@@ -69,6 +69,14 @@ class DSparkV2Speculator(DSparkSpeculator):
         # block's tree instead of the chain, N = γ (the chain's width: the same query
         # length, graphs and scheduler slots). None: the chain.
         self.tree_spec: TreeSpec | None = None
+        from vllm_dspark.engine.v2.patches import tree_mode
+        if tree_mode():  # VLLM_DSPARK_TREE=on (engine/v2/tree_runner.py)
+            from vllm_dspark.engine.v2 import tree_runner
+
+            self.enable_tree(TreeSpec(budget=self.num_speculative_steps))
+            tree_runner.RUN = tree_runner.new_run(
+                self.max_num_reqs, self.num_speculative_steps,
+                vllm_config.model_config.get_head_size(), device)
 
     def load_draft_model(self, target_model, target_attn_layer_names):
         model = super().load_draft_model(target_model, target_attn_layer_names)
@@ -172,6 +180,12 @@ class DSparkV2Speculator(DSparkSpeculator):
         if kwargs.get("num_speculative_tokens") == 0 and not kwargs.get("dummy_run", False):
             return self._store_context_only(input_batch, *args, **kwargs)
         drafts = super().propose(input_batch, *args, **kwargs)
+        if self.tree_spec is not None and not kwargs.get("dummy_run", False):
+            from vllm_dspark.engine.v2 import tree_runner
+
+            r = input_batch.num_reqs
+            tree_runner.store_tree(tree_runner.RUN, input_batch.idx_mapping[:r],
+                                   self.tree_parents[:r], self.tree_depth[:r])
         if self._trace_path and not kwargs.get("dummy_run", False):
             self._trace(input_batch)
         return drafts

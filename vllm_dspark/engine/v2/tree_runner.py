@@ -41,6 +41,8 @@ class TreeRun:
     parents: torch.Tensor  # [max_reqs, N] int64, -1 = root
     depth: torch.Tensor  # [max_reqs, N] int64
     head_size: int  # the target's attention head size (its KV cache layout)
+    tokens: torch.Tensor | None = None  # [max_reqs, N] the nodes' tokens (sample_rows)
+    aux: list | None = None  # the step's aux hidden states (moved with the hidden states)
     active: bool = False  # a tree step is under way (begin .. commit)
     context: torch.Tensor | None = None  # [R] num_computed before the step
     block_table: torch.Tensor | None = None  # [R, blocks] (the target's KV group)
@@ -51,16 +53,21 @@ class TreeRun:
 
 
 def new_run(max_reqs: int, n: int, head_size: int, device) -> TreeRun:
-    return TreeRun(torch.full((max_reqs, n), -1, dtype=torch.int64, device=device),
-                   torch.zeros(max_reqs, n, dtype=torch.int64, device=device), head_size)
+    # One spare row: batch rows V2 masks with request state -1 are filed there.
+    full = dict(size=(max_reqs + 1, n), dtype=torch.int64, device=device)
+    return TreeRun(torch.full(fill_value=-1, **full), torch.zeros(**full), head_size,
+                   tokens=torch.full(fill_value=-1, **full))
 
 
 def store_tree(run: TreeRun, idx_mapping: torch.Tensor, parents: torch.Tensor,
                depth: torch.Tensor) -> None:
     """The drafter's new trees (by batch row) filed by request state, as V2 files
-    ``draft_tokens``."""
-    run.parents[idx_mapping.long()] = parents
-    run.depth[idx_mapping.long()] = depth
+    ``draft_tokens`` (a masked row, state -1, into the spare last row)."""
+    spare = run.parents.shape[0] - 1
+    states = idx_mapping.long()
+    states = torch.where(states >= 0, states, spare)
+    run.parents[states] = parents
+    run.depth[states] = depth
 
 
 def begin(run: TreeRun, positions: torch.Tensor, query_start_loc: torch.Tensor,
@@ -85,9 +92,16 @@ def begin(run: TreeRun, positions: torch.Tensor, query_start_loc: torch.Tensor,
 def end_forward(run: TreeRun, positions: torch.Tensor, total_logits: int) -> None:
     """Step 3 (module doc)."""
     tree_attention.set_step(None)
-    if run.active:
-        tree_step.set_chain_positions(positions, run.query_start, run.cu_num_logits,
-                                      total_logits)
+    if not run.active:
+        return
+    if not run.caches:  # no target layer went through the wrapped FlashAttention
+        run.active = False
+        raise RuntimeError(
+            "vllm-dspark: VLLM_DSPARK_TREE=on needs the target on vLLM's FLASH_ATTN "
+            "attention backend (no tree rows were attended in this step); start the "
+            "engine with attention_backend='FLASH_ATTN', or unset VLLM_DSPARK_TREE.")
+    tree_step.set_chain_positions(positions, run.query_start, run.cu_num_logits,
+                                  total_logits)
 
 
 def sample(run: TreeRun, logits, cu_num_logits, idx_mapping, expanded_idx_mapping, pos,
@@ -117,3 +131,29 @@ def commit(run: TreeRun, hidden: list[torch.Tensor], total_logits: int) -> None:
     tree_step.kept_rows_first(hidden, run.query_start, run.cu_num_logits, verdict,
                               total_logits)
     run.active, run.caches, run.verdicts = False, [], []
+
+
+def node_tokens(draft_sampled: torch.Tensor, cu_num_logits: torch.Tensor,
+                n: int) -> torch.Tensor:
+    """[R, N] the nodes' tokens from V2's ``draft_sampled`` (each logits row's input
+    token: the root's, then node i's at row 1 + i); -1 past a request's admitted nodes
+    (a draw never matches it)."""
+    cu = cu_num_logits.long()
+    i = torch.arange(n, device=draft_sampled.device)
+    row = cu[:-1, None] + 1 + i[None, :]
+    live = row < cu[1:, None]
+    last = max(draft_sampled.shape[0] - 1, 0)
+    return torch.where(live, draft_sampled.long()[row.clamp(max=last)], -1)
+
+
+def sample_rows(run: TreeRun, logits, draft_sampled, cu_num_logits, idx_mapping,
+                expanded_idx_mapping, pos, draw) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step 4 with the nodes' tokens read from the rows, as V2's rejection sampler has
+    them (``draft_sampled``), filed by request state for ``tree_sample``."""
+    run.tokens[idx_mapping.long().clamp(min=0)] = node_tokens(
+        draft_sampled, cu_num_logits, run.parents.shape[1])
+    return sample(run, logits, cu_num_logits, idx_mapping, expanded_idx_mapping, pos,
+                  run.tokens, draw)
+
+
+RUN: TreeRun | None = None  # this worker's tree state (VLLM_DSPARK_TREE=on)
