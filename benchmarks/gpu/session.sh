@@ -97,8 +97,10 @@ profile)
     --prompts vllm_dspark/reference_prompts/mt-bench.jsonl --out $OUT/gpu_round_profile_h200.json \
     --configs ${PROFILE_CONFIGS:-plain upstream ours ours-budget} ;;
 grab)
-  # Wait up to $2 s for the chain (chain-bg), then copy back what it has so far.
-  limit=${2:-540}; t=0
+  # Wait up to $2 s for the chain (chain-bg), then copy back what it has so far. Short
+  # waits: a machine taken back mid-call returns nothing of that call (H100, 2026-12-07:
+  # a 470 s grab lost the whole sweep), so results should come back every few minutes.
+  limit=${2:-240}; t=0
   while kill -0 "$(cat $G/chain.pid)" 2>/dev/null && [ $t -lt $limit ]; do sleep 5; t=$((t+5)); done
   kill -0 "$(cat $G/chain.pid)" 2>/dev/null && echo "chain: still running" || echo "chain: done"
   cp $G/gpu_sweep_h200.* $G/sweep.log $OUT/ 2>/dev/null
