@@ -12,7 +12,9 @@ scheduler mode (fixed γ; the verification budget with Algorithm 1's stop, ``cau
   with its power check), with the budget on;
 - the SmolLM2 pair with the committed drafter: greedy output equals plain's;
 - with the draft gate on (``VLLM_DSPARK_DRAFT_COST=measure``), steps without drafts
-  keep greedy output, the reference drafts and the T = 1 distribution.
+  keep greedy output, the reference drafts and the T = 1 distribution;
+- with draft trees (``VLLM_DSPARK_TREE=on``, float16 on FlashAttention): greedy output
+  equals plain's and the T = 1 distribution is the target's.
 
 The engines of one test run side by side on the GPU (a fixed KV size each).
 """
@@ -39,6 +41,13 @@ GPU = {"enforce_eager": False, "gpu_memory_utilization": 0.12,
 # measures, it alternates drafted and skipped steps, so both kinds occur in every run.
 GATE = {"VLLM_DSPARK_DRAFT_COST": "measure"}
 GATE_CASES = [("qwen3", "gated", "fixed"), ("llama", "rnn", "causal")]
+# Tree mode (VLLM_DSPARK_TREE=on, issue 17): the target attends through FlashAttention
+# (the tree rows are recomputed over its cache), which needs half precision, and runs
+# without FULL CUDA graphs for now (engine/v2/patches.py configure_tree).
+TREE = {"VLLM_DSPARK_TREE": "on"}
+TREE_LLM = {"dtype": "float16", "attention_backend": "FLASH_ATTN",
+            "compilation_config": {"cudagraph_mode": "PIECEWISE"}}
+
 CASES = [("qwen3", "vanilla", "fixed"), ("qwen3", "gated", "causal"), ("qwen3", "rnn", "async"),
          ("llama", "rnn", "fixed"), ("llama", "vanilla", "causal"), ("llama", "gated", "async")]
 
@@ -173,7 +182,7 @@ def test_v2_draft_gate_skips_and_keeps_output(greedy_runs, targets, family, head
     check_against_reference(targets[family], draft, result, trace)
 
 
-@pytest.mark.parametrize("mode", ["fixed", "causal", "gate"])
+@pytest.mark.parametrize("mode", ["fixed", "causal", "gate", "tree"])
 def test_v2_sampled_tokens_follow_the_target_distribution(models_dir, mode):
     from checks import chi_square_p_value
     from test_sampled import MAX_TOKENS, N_SEQ, PROMPT, transitions
@@ -185,9 +194,12 @@ def test_v2_sampled_tokens_follow_the_target_distribution(models_dir, mode):
            "batches": [{"prompts": [PROMPT] * (N_SEQ // 16),
                         "sampling": {"max_tokens": MAX_TOKENS, "temperature": 1.0,
                                      "n": 16, "ignore_eos": True}}]}
-    job = _on_v2(job, "fixed" if mode == "gate" else mode)
+    job = _on_v2(job, "fixed" if mode in ("gate", "tree") else mode)
     if mode == "gate":
         job["env"].update(GATE)
+    if mode == "tree":  # trees of γ nodes, top-k children, the fixed-candidate walk
+        job["env"].update(TREE)
+        job["llm_kwargs"].update(TREE_LLM)
     result = run_job(job, 900)
     drafted, accepted, _ = acceptance(result)
     assert 0.1 * drafted < accepted < 0.95 * drafted, (accepted, drafted)
@@ -202,13 +214,6 @@ def test_v2_sampled_tokens_follow_the_target_distribution(models_dir, mode):
     w2 = load_file(os.path.join(draft, "model.safetensors"))["markov_head.markov_w2.weight"]
     assert chi_square_p_value(pairs, torch.softmax(w2.T.float(), -1)) < 1e-6
 
-
-# Tree mode (VLLM_DSPARK_TREE=on, issue 17): the target attends through FlashAttention
-# (the tree rows are recomputed over its cache), which needs half precision, and runs
-# without FULL CUDA graphs for now (engine/v2/patches.py configure_tree).
-TREE = {"VLLM_DSPARK_TREE": "on"}
-TREE_LLM = {"dtype": "float16", "attention_backend": "FLASH_ATTN",
-            "compilation_config": {"cudagraph_mode": "PIECEWISE"}}
 
 
 @pytest.mark.parametrize("family,head", [("qwen3", "gated"), ("llama", "rnn")])
