@@ -71,15 +71,16 @@ def test_reference_greedy_without_noise():
 
 @pytest.mark.parametrize("seed", range(4))
 def test_walk_over_draws_equals_the_reference(seed):
-    """``walk_draws`` (every row drawn first, as V2's sampler draws) makes the walk of
-    logits and noise: the same verdict from the same noise, greedy rows included."""
+    """``walk_draws`` (every row drawn first, as V2's sampler draws; the reference's
+    walk) makes the node-by-node walk of ``verify_tree``: the same verdict from the same
+    noise, greedy rows included."""
     from vllm_dspark.decode.tree_verify import walk_draws
 
     tree, logits, gumbel, admitted, temp = case(seed)
     t = torch.where(temp > 0, temp, torch.ones_like(temp))[:, None, None]
     scores = torch.where(temp[:, None, None] > 0, logits / t + gumbel, logits)
     got = walk_draws(scores.argmax(-1), tree.tokens, tree.parents, admitted)
-    same(got, tree_accept_ref(logits, tree.tokens, tree.parents, admitted, temp, gumbel))
+    same(got, verify_tree(tree, logits, temp.double(), TreeNoise(gumbel, None), admitted))
     assert int(got.num_accepted.sum()) > 0
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from vllm_dspark.decode.draft import GREEDY_EPS
-from vllm_dspark.decode.tree_verify import TreeVerdict
+from vllm_dspark.decode.tree_verify import TreeVerdict, walk_draws
 
 
 def check_inputs(logits, tokens, parents, admitted, temperature, gumbel) -> None:
@@ -39,33 +39,11 @@ def tree_accept_ref(
     gumbel: torch.Tensor | None = None,  # [R, N+1, V] float32, for rows with T > 0
 ) -> TreeVerdict:
     check_inputs(logits, tokens, parents, admitted, temperature, gumbel)
-    r, n = tokens.shape
-    dev = logits.device
-    rows = torch.arange(r, device=dev)
-    node = torch.arange(n, device=dev)
     t = temperature.to(torch.float32)
     greedy = t < GREEDY_EPS
     t = torch.where(greedy, torch.ones_like(t), t)
-    accepted = torch.full((r, n), -1, dtype=torch.long, device=dev)
-    emitted = torch.full((r, n + 1), -1, dtype=torch.long, device=dev)
-    num = torch.zeros(r, dtype=torch.long, device=dev)
-    cur = torch.full((r,), -1, dtype=torch.long, device=dev)
-    active = torch.ones(r, dtype=torch.bool, device=dev)
-    live = node[None, :] < admitted[:, None]
-    for step in range(n + 1):
-        row = logits[rows, cur + 1].float()  # [R, V]
-        if gumbel is not None:
-            row = torch.where(greedy[:, None], row, row / t[:, None] + gumbel[rows, cur + 1])
-        x = row.argmax(-1)
-        child = live & (parents == cur[:, None]) & (tokens == x[:, None])
-        found = child.any(-1) & active
-        nxt = torch.where(child, node, n).amin(-1)
-        emitted[:, step] = torch.where(active, x, emitted[:, step])
-        if step < n:  # a path holds at most N nodes: at step N nothing is found
-            accepted[:, step] = torch.where(found, nxt, accepted[:, step])
-        num += found.long()
-        cur = torch.where(found, nxt, cur)
-        active = found
-        if not bool(active.any()):
-            break
-    return TreeVerdict(accepted, num, emitted, num + 1)
+    scores = logits.float()
+    if gumbel is not None:
+        scores = torch.where(greedy[:, None, None], scores, scores / t[:, None, None] + gumbel)
+    # Every row's draw, then the walk: it reads only the rows on the walked path.
+    return walk_draws(scores.argmax(-1), tokens, parents, admitted)
