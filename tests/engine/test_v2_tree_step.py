@@ -169,7 +169,7 @@ def _v2_tree_decoding(via_runner=False):
             # The sampler brick: V2's rows drawn first (here argmax: greedy), then the walk.
             keys = []
             v2, sampled2, num_sampled2 = tree_step.tree_sample(
-                logits[logits_indices], query_start, cu_num_logits, idx, idx[b_of],
+                logits[logits_indices], cu_num_logits, idx, idx[b_of],
                 positions[logits_indices], draft_tokens, parents, depth,
                 lambda lg, eim, key, keys=keys: keys.append(key.clone()) or lg.argmax(-1))
             for f in ("accepted", "num_accepted", "tokens", "num_emitted"):
@@ -270,7 +270,7 @@ def test_tree_sample_draws_rows_then_walks_at_any_temperature():
 
     eim = idx[b_of]
     verdict, sampled, num_sampled = tree_step.tree_sample(
-        logits, query_start, cu_num_logits, idx, eim, pos, tokens, parents, depth, draw)
+        logits, cu_num_logits, idx, eim, pos, tokens, parents, depth, draw)
     rows = idx.long()
     dense = torch.zeros(r, n + 1, v)
     dense[b_of, j_of] = logits

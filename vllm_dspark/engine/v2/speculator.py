@@ -65,9 +65,9 @@ class DSparkV2Speculator(DSparkSpeculator):
         # Debug/test knob (as on V1): append every drafted block as a JSON line.
         self._trace_path = os.environ.get("VLLM_DSPARK_TRACE_FILE") or None
         self._context_only = False  # this step: store context K/V, draft nothing
-        # Tree drafting (issue 17, not yet called by the runner): the N best nodes of the
-        # block's tree instead of the chain, N = γ (the chain's width: the same query
-        # length, graphs and scheduler slots). None: the chain.
+        # Tree drafting (issue 17, VLLM_DSPARK_TREE=on): the N best nodes of the block's
+        # tree instead of the chain, N = γ (the chain's width: the same query length,
+        # graphs and scheduler slots). None: the chain.
         self.tree_spec: TreeSpec | None = None
         from vllm_dspark.engine.v2.patches import tree_mode
         if tree_mode():  # VLLM_DSPARK_TREE=on (engine/v2/tree_runner.py)

@@ -11,9 +11,10 @@ branch; causal attention had let it see every earlier node.
 ``TreeRows`` is what one step's tree requests need (built by ``tree_rows`` from V2's
 per-step buffers before the target's forward, and cleared after it, so the drafter's
 attention, which runs later in the step, is never touched). ``with_tree_rows`` wraps an
-attention implementation's ``forward``; the runner's patch (not yet written) installs
-it on ``FlashAttentionImpl`` and sets the step. ``tree_rows`` reads shapes back to the
-host (``nonzero``): it serves eager (piecewise-graphed) target steps.
+attention implementation's ``forward``; ``verify_trees_on_v2`` (engine/v2/patches.py)
+installs it on ``FlashAttentionImpl``, and ``tree_runner.begin`` sets the step.
+``tree_rows`` reads shapes back to the host (``nonzero``): it serves eager
+(piecewise-graphed) target steps.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from vllm_dspark.decode.tree_attention import ancestor_mask
-from vllm_dspark.engine.v2.tree_step import flash_attn_kv_views
+from vllm_dspark.engine.v2.tree_step import flash_attn_kv_views, logits_rows
 from vllm_dspark.kernels.tree_attention import tree_attention
 
 
@@ -50,10 +51,8 @@ def tree_rows(query_start_loc: torch.Tensor, cu_num_logits: torch.Tensor,
     n = num_logits[reqs]
     query_start = torch.zeros(reqs.numel() + 1, dtype=torch.int32, device=n.device)
     query_start[1:] = n.cumsum(0)
-    end = query_start_loc.long()[reqs + 1]
-    local = torch.arange(int(query_start[-1]), device=n.device)
-    owner = torch.searchsorted(query_start[1:].long(), local, right=True)
-    rows = end[owner] - n[owner] + (local - query_start.long()[owner])
+    b, _, row = logits_rows(query_start_loc, cu_num_logits, int(cu_num_logits[-1]))
+    rows = row[num_logits[b] > 1]  # request by request, in batch order
     states = idx_mapping.long()[reqs]
     mask = ancestor_mask(parents[states])
     # Nodes past a request's admitted count are not in its query: they see nothing here.

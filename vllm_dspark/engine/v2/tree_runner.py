@@ -108,11 +108,9 @@ def sample(run: TreeRun, logits, cu_num_logits, idx_mapping, expanded_idx_mappin
            draft_tokens, draw) -> tuple[torch.Tensor, torch.Tensor]:
     """Step 4 for one sampler chunk: (sampled [R, N+1], num_sampled [R]) as V2's chain
     rejection sampler returns them; the verdict is kept for ``commit``."""
-    # tree_sample reads query_start_loc only for the rows' query positions, which it
-    # does not use: the chunk's cu_num_logits stands in.
     verdict, sampled, num_sampled = tree_step.tree_sample(
-        logits, cu_num_logits, cu_num_logits, idx_mapping, expanded_idx_mapping, pos,
-        draft_tokens, run.parents, run.depth, draw)
+        logits, cu_num_logits, idx_mapping, expanded_idx_mapping, pos, draft_tokens,
+        run.parents, run.depth, draw)
     run.verdicts.append(verdict)
     return sampled, num_sampled
 

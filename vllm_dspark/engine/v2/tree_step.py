@@ -34,14 +34,22 @@ from vllm_dspark.decode.tree_verify import TreeVerdict, kept_rows, walk_draws
 from vllm_dspark.kernels.kv_compact import compact_kv
 
 
-def logits_rows(query_start_loc: torch.Tensor, cu_num_logits: torch.Tensor,
-                total_logits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """For each of the step's ``total_logits`` logits rows: its batch row b, its index j
-    within the request's logits (0 = the root), and its token row in the query."""
+def logits_owners(cu_num_logits: torch.Tensor, total_logits: int
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each of the step's ``total_logits`` logits rows: its batch row b and its index
+    j within the request's logits (0 = the root)."""
     i = torch.arange(total_logits, device=cu_num_logits.device)
     cu = cu_num_logits.long()
     b = torch.searchsorted(cu[1:].contiguous(), i, right=True)
-    j = i - cu[b]
+    return b, i - cu[b]
+
+
+def logits_rows(query_start_loc: torch.Tensor, cu_num_logits: torch.Tensor,
+                total_logits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``logits_owners`` (b, j), and each logits row's token row in the query: a
+    request's logits rows are the last of its query."""
+    b, j = logits_owners(cu_num_logits, total_logits)
+    cu = cu_num_logits.long()
     row = query_start_loc.long()[b + 1] - (cu[b + 1] - cu[b]) + j
     return b, j, row
 
@@ -113,8 +121,7 @@ def compact_target_kv(kv_views: list[tuple[torch.Tensor, torch.Tensor]],
         compact_kv(k, v, block_table, context_lens.long(), kept, num_kept)
 
 
-def tree_sample(logits: torch.Tensor, query_start_loc: torch.Tensor,
-                cu_num_logits: torch.Tensor, idx_mapping: torch.Tensor,
+def tree_sample(logits: torch.Tensor, cu_num_logits: torch.Tensor, idx_mapping: torch.Tensor,
                 expanded_idx_mapping: torch.Tensor, pos: torch.Tensor,
                 draft_tokens: torch.Tensor, parents: torch.Tensor, depth: torch.Tensor,
                 draw) -> tuple[TreeVerdict, torch.Tensor, torch.Tensor]:
@@ -132,7 +139,7 @@ def tree_sample(logits: torch.Tensor, query_start_loc: torch.Tensor,
     total = logits.shape[0]
     r = idx_mapping.shape[0]
     n = draft_tokens.shape[1]
-    b, j, _ = logits_rows(query_start_loc, cu_num_logits, total)
+    b, j = logits_owners(cu_num_logits, total)
     state = idx_mapping.long()[b].clamp(min=0)
     d = depth[state, (j - 1).clamp(min=0)]
     root_pos = pos[torch.arange(total, device=pos.device) - j]
