@@ -286,3 +286,23 @@ def test_tree_sample_draws_rows_then_walks_at_any_temperature():
     assert int(verdict.num_accepted.sum()) > 0
     assert torch.equal(num_sampled, want.num_emitted.int())
     assert torch.equal(sampled, want.tokens.clamp(min=0))
+
+
+def test_a_masked_batch_row_files_into_the_spare_row():
+    """V2 marks a masked batch row with request state -1: its tree and node tokens go
+    to the run's spare row and leave every request's (state 0 included) as they were."""
+    run = tree_runner.new_run(3, 2, 8, "cpu")
+    tree_runner.store_tree(run, torch.tensor([1, 0]), torch.tensor([[-1, 0], [-1, -1]]),
+                           torch.tensor([[1, 2], [1, 1]]))
+    tree_runner.store_tree(run, torch.tensor([-1, 2]), torch.tensor([[-1, 0], [-1, 0]]),
+                           torch.tensor([[1, 2], [1, 2]]))
+    assert run.parents[0].tolist() == [-1, -1] and run.depth[0].tolist() == [1, 1]
+    assert run.parents[3].tolist() == [-1, 0]  # the spare row
+    cu = torch.tensor([0, 3, 6], dtype=torch.int32)  # two requests, root + 2 nodes each
+    draft_sampled = torch.tensor([5, 6, 7, 8, 9, 4])
+    run.tokens[0] = torch.tensor([11, 12])
+    tree_runner.sample_rows(run, torch.randn(6, 13), draft_sampled, cu,
+                            torch.tensor([-1, 2]), torch.tensor([0, 0, 0, 2, 2, 2]),
+                            torch.arange(6), lambda lg, eim, key: lg.argmax(-1))
+    assert run.tokens[0].tolist() == [11, 12]  # state 0 untouched by the masked row
+    assert run.tokens[3].tolist() == [6, 7] and run.tokens[2].tolist() == [9, 4]

@@ -59,13 +59,18 @@ def new_run(max_reqs: int, n: int, head_size: int, device) -> TreeRun:
                    tokens=torch.full(fill_value=-1, **full))
 
 
+def _states(run: TreeRun, idx_mapping: torch.Tensor) -> torch.Tensor:
+    """Batch rows' request states for the run's buffers: a masked row (state -1) goes to
+    the spare last row, where it can overwrite no request's tree."""
+    states = idx_mapping.long()
+    return torch.where(states >= 0, states, run.parents.shape[0] - 1)
+
+
 def store_tree(run: TreeRun, idx_mapping: torch.Tensor, parents: torch.Tensor,
                depth: torch.Tensor) -> None:
     """The drafter's new trees (by batch row) filed by request state, as V2 files
-    ``draft_tokens`` (a masked row, state -1, into the spare last row)."""
-    spare = run.parents.shape[0] - 1
-    states = idx_mapping.long()
-    states = torch.where(states >= 0, states, spare)
+    ``draft_tokens``."""
+    states = _states(run, idx_mapping)
     run.parents[states] = parents
     run.depth[states] = depth
 
@@ -148,9 +153,9 @@ def sample_rows(run: TreeRun, logits, draft_sampled, cu_num_logits, idx_mapping,
                 expanded_idx_mapping, pos, draw) -> tuple[torch.Tensor, torch.Tensor]:
     """Step 4 with the nodes' tokens read from the rows, as V2's rejection sampler has
     them (``draft_sampled``), filed by request state for ``tree_sample``."""
-    run.tokens[idx_mapping.long().clamp(min=0)] = node_tokens(
-        draft_sampled, cu_num_logits, run.parents.shape[1])
-    return sample(run, logits, cu_num_logits, idx_mapping, expanded_idx_mapping, pos,
+    states = _states(run, idx_mapping)  # a masked row reads and writes the spare row
+    run.tokens[states] = node_tokens(draft_sampled, cu_num_logits, run.parents.shape[1])
+    return sample(run, logits, cu_num_logits, states, expanded_idx_mapping, pos,
                   run.tokens, draw)
 
 
