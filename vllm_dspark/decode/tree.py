@@ -201,11 +201,10 @@ def draft_tree(
         if state is not None:  # children inherit the state of their parent's step
             state = state[rows, par]
         par_tok, par_surv, par_valid = level["tok"], level["surv"], level["valid"]
-    sampled = False if sample is None else bool(sample.any())
-    return _assemble(levels, n, sample, stochastic, sampled)
+    return _assemble(levels, n, sample, stochastic)
 
 
-def _assemble(levels, n, sample, stochastic, sampled) -> DraftTree:
+def _assemble(levels, n, sample, stochastic) -> DraftTree:
     """The N best kept nodes over all depths, in the global order, parents renumbered."""
     cat = {key: torch.cat([lv[key] for lv in levels], 1)
            for key in ("tok", "surv", "e", "valid", "parent", "sibling")}
@@ -235,7 +234,7 @@ def _assemble(levels, n, sample, stochastic, sampled) -> DraftTree:
         depth=pad(d_sel, 0), sibling=pad(cat["sibling"].gather(1, order), 0),
         confidence=pad(cat["e"].gather(1, order), 0.0),
         survival=pad(cat["surv"].gather(1, order), 0.0), count=valid.sum(1),
-        probs=probs, sampled=sampled,
+        probs=probs, sampled=sample is not None and bool(sample.any()),
     )
     return _pad_to(tree, n)
 

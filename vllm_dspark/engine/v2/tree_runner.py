@@ -13,7 +13,7 @@ A step, for the requests that carry drafts (the tree's γ nodes, parents first):
    rows and records each target layer's cache;
 3. ``end_forward``: no more tree rows (the drafter's attention runs later); positions
    back to the chain's (the drafter reads them);
-4. ``sample`` (inside V2's rejection sampler, in place of its chain walk): the
+4. ``sample_rows`` (inside V2's rejection sampler, in place of its chain walk): the
    acceptance walk over seeded target draws (``tree_step.tree_sample``);
 5. ``commit`` (after sampling, before the drafter): the kept rows' K/V into the chain's
    slots in every target layer, their hidden states to the rows the drafter reads.
@@ -109,17 +109,6 @@ def end_forward(run: TreeRun, positions: torch.Tensor, total_logits: int) -> Non
                                   total_logits)
 
 
-def sample(run: TreeRun, logits, cu_num_logits, idx_mapping, expanded_idx_mapping, pos,
-           draft_tokens, draw) -> tuple[torch.Tensor, torch.Tensor]:
-    """Step 4 for one sampler chunk: (sampled [R, N+1], num_sampled [R]) as V2's chain
-    rejection sampler returns them; the verdict is kept for ``commit``."""
-    verdict, sampled, num_sampled = tree_step.tree_sample(
-        logits, cu_num_logits, idx_mapping, expanded_idx_mapping, pos, draft_tokens,
-        run.parents, run.depth, draw)
-    run.verdicts.append(verdict)
-    return sampled, num_sampled
-
-
 def commit(run: TreeRun, hidden: list[torch.Tensor], total_logits: int) -> None:
     """Step 5 (module doc): ``hidden`` the target's hidden states and aux hidden
     states [T, ...] of this step, moved in place."""
@@ -151,12 +140,17 @@ def node_tokens(draft_sampled: torch.Tensor, cu_num_logits: torch.Tensor,
 
 def sample_rows(run: TreeRun, logits, draft_sampled, cu_num_logits, idx_mapping,
                 expanded_idx_mapping, pos, draw) -> tuple[torch.Tensor, torch.Tensor]:
-    """Step 4 with the nodes' tokens read from the rows, as V2's rejection sampler has
-    them (``draft_sampled``), filed by request state for ``tree_sample``."""
+    """Step 4 for one sampler chunk: (sampled [R, N+1], num_sampled [R]) as V2's chain
+    rejection sampler returns them; the verdict is kept for ``commit``. The nodes'
+    tokens are read from the rows, as V2's rejection sampler has them
+    (``draft_sampled``), and filed by request state for ``tree_sample``."""
     states = _states(run, idx_mapping)  # a masked row reads and writes the spare row
     run.tokens[states] = node_tokens(draft_sampled, cu_num_logits, run.parents.shape[1])
-    return sample(run, logits, cu_num_logits, states, expanded_idx_mapping, pos,
-                  run.tokens, draw)
+    verdict, sampled, num_sampled = tree_step.tree_sample(
+        logits, cu_num_logits, states, expanded_idx_mapping, pos, run.tokens, run.parents,
+        run.depth, draw)
+    run.verdicts.append(verdict)
+    return sampled, num_sampled
 
 
 RUN: TreeRun | None = None  # this worker's tree state (VLLM_DSPARK_TREE=on)
