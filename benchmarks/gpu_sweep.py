@@ -15,7 +15,9 @@ Every configuration is one engine in its own process, all alive at once on one G
   engine/v2/patches.py); ``ours-gate``: the draft gate in vLLM's scheduler
   (``VLLM_DSPARK_DRAFT_COST=measure``, opt-in on V2); ``ours-budget``: the device-side
   verification budget with Algorithm 1's stop (``VLLM_DSPARK_SCHEDULER=causal``);
-  ``ours-async``: with §5.2's rule.
+  ``ours-async``: with §5.2's rule; ``ours-tree``: draft trees of γ nodes
+  (``VLLM_DSPARK_TREE=on``, experimental), which need PIECEWISE target graphs and
+  FlashAttention (``ours`` is its chain, ``ours-chain`` in issue 17's words).
 
 For each temperature and concurrency C, C chat prompts are submitted at once
 (``--max-tokens`` each, ``ignore_eos`` so every request decodes the same length), one
@@ -58,6 +60,7 @@ if __name__ == "__main__":
               tensor_parallel_size=job["tensor_parallel_size"])
     if job["spec"] is not None:
         kw["speculative_config"] = job["spec"]
+    kw.update(job.get("llm_kwargs", {}))
     t0 = time.perf_counter(); llm = LLM(**kw); startup = time.perf_counter() - t0
     chats = [[{"role": "user", "content": p}] for p in job["prompts"]]
     llm.chat(chats[:2], SamplingParams(max_tokens=16), use_tqdm=False)  # warm-up
@@ -82,7 +85,10 @@ if __name__ == "__main__":
 '''
 
 CONFIGS = ("plain", "upstream", "upstream-adaptive", "ours-fixed", "ours", "ours-gate",
-           "ours-budget", "ours-async")
+           "ours-budget", "ours-async", "ours-tree")
+# Engine arguments beyond the shared ones, by configuration.
+LLM_KWARGS = {"ours-tree": {"attention_backend": "FLASH_ATTN",
+                            "compilation_config": {"cudagraph_mode": "PIECEWISE"}}}
 
 
 def config_job(name: str, args) -> tuple[dict | None, dict]:
@@ -99,6 +105,7 @@ def config_job(name: str, args) -> tuple[dict | None, dict]:
         "ours-gate": (spec, {"VLLM_DSPARK_DRAFT_COST": "measure"}),
         "ours-budget": (spec, {"VLLM_DSPARK_SCHEDULER": "causal"}),
         "ours-async": (spec, {"VLLM_DSPARK_SCHEDULER": "async"}),
+        "ours-tree": (spec, {"VLLM_DSPARK_TREE": "on"}),
     }[name]
 
 
@@ -175,7 +182,8 @@ def main() -> None:
                 job = dict(target=args.target, spec=spec, prompts=prompts,
                            max_num_seqs=max(args.concurrency), max_tokens=args.max_tokens,
                            kv_bytes=int(args.kv_gib * 2**30), gpu_memory_utilization=0.5,
-                           tensor_parallel_size=args.tensor_parallel_size)
+                           tensor_parallel_size=args.tensor_parallel_size,
+                           llm_kwargs=LLM_KWARGS.get(name, {}))
                 jp = os.path.join(tmp, f"{name}.json")
                 json.dump(job, open(jp, "w"))
                 engines[name] = subprocess.Popen(
@@ -199,19 +207,30 @@ def main() -> None:
             for t in args.temperatures:
                 for c in args.concurrency:
                     rep, spent = 0, dict.fromkeys(args.configs, 0.0)
-                    while rep < args.repeats or min(spent.values()) < args.min_seconds:
+                    while spent and (rep < args.repeats or min(spent.values()) < args.min_seconds):
                         k = rep % len(args.configs)
                         for name in args.configs[k:] + args.configs[:k]:
                             proc = engines[name]
-                            proc.stdin.write(json.dumps({"c": c, "t": t, "seed": rep}) + "\n")
-                            proc.stdin.flush()
-                            r = _read_json_line(proc, name)
+                            try:
+                                proc.stdin.write(json.dumps({"c": c, "t": t, "seed": rep})
+                                                 + "\n")
+                                proc.stdin.flush()
+                                r = _read_json_line(proc, name)
+                            except (RuntimeError, OSError) as e:
+                                # An engine that dies mid-sweep (its traceback is in this
+                                # log) is left out from here on; the others go on.
+                                failed[name] = f"died at T={t} C={c}: {e}"
+                                del engines[name], spent[name]
+                                print(f"{name}: DIED at T={t} C={c}, left out",
+                                      file=sys.stderr, flush=True)
+                                continue
                             spent[name] += r["seconds"]
                             raw[name].append(dict(r, concurrency=c, temperature=t, repeat=rep))
+                        args.configs = [n for n in args.configs if n in engines]
                         rep += 1
                     print(f"T={t} C={c}: {rep} repeats", file=sys.stderr, flush=True)
                     # After every cell: a window cut short still brings back what it measured.
-                    write_results(raw, args, startup, failed, plot_it=False)
+                    write_results(raw, args, startup, failed, plot_it=True)
         finally:
             for proc in engines.values():
                 try:
@@ -220,7 +239,7 @@ def main() -> None:
                 except Exception:
                     proc.kill()
     rows = write_results(raw, args, startup, failed, plot_it=True)
-    print_table(rows, args.configs)
+    print_table(rows, [n for n in raw if raw[n]])
 
 
 def write_results(raw, args, startup, failed, plot_it: bool) -> list[dict]:
@@ -240,7 +259,7 @@ def write_results(raw, args, startup, failed, plot_it: bool) -> list[dict]:
     json.dump(out, open(args.out + ".tmp", "w"), indent=1)
     os.replace(args.out + ".tmp", args.out)
     if plot_it:
-        plot(rows, args.configs, os.path.splitext(args.out)[0] + ".png")
+        plot(rows, [n for n in raw if raw[n]], os.path.splitext(args.out)[0] + ".png")
     return rows
 
 
@@ -249,9 +268,10 @@ def summarize(raw, args) -> list[dict]:
     for t in args.temperatures:
         for c in args.concurrency:
             cell = {n: [r for r in raw[n] if r["concurrency"] == c and r["temperature"] == t]
-                    for n in args.configs}
-            if not all(cell.values()):
-                continue  # not measured (yet)
+                    for n in raw}
+            cell = {n: rs for n, rs in cell.items() if rs}  # not measured (yet), or died
+            if not cell:
+                continue
             plain = cell.get("plain")
             for name, rs in cell.items():
                 tps = [r["tokens"] / r["seconds"] for r in rs]
@@ -281,8 +301,11 @@ def print_table(rows, configs) -> None:
         for c in sorted({r["concurrency"] for r in rows}):
             cells = []
             for n in configs:
-                r = next(x for x in rows if x["config"] == n and x["concurrency"] == c
-                         and x["temperature"] == t)
+                r = next((x for x in rows if x["config"] == n and x["concurrency"] == c
+                          and x["temperature"] == t), None)
+                if r is None:  # died before this cell
+                    cells.append(f"{'-':>26}")
+                    continue
                 extra = (f" ({r.get('ratio_to_plain', 1):.2f}, "
                          f"{r['tau'] if r['tau'] is None else round(r['tau'], 2)})")
                 cells.append(f"{r['tok_s']:>10.0f}{extra:>16}")

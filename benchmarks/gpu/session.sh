@@ -74,8 +74,10 @@ sweep-bg)
     --out $G/gpu_sweep_h200.json "$@" > $G/sweep.log 2>&1 < /dev/null &
   echo $! > $G/sweep.pid ;;
 chain-bg)
-  # The sweep on the GPU alone, then the GPU tests (new ones first: the V2 draft gate),
-  # one log each; one background job, so no step waits on the next `device` call.
+  # The sweep on the GPU alone, then the round profile (alone too: both are timings),
+  # then the GPU tests, 4 at a time (pytest-xdist: each test's engine is small; the
+  # engine start-ups, not the GPU, set their time). One background job, one log each,
+  # so no step waits on the next `device` call.
   shift
   python3 -m pip install -q --no-deps --no-build-isolation --upgrade --target /tmp/site . 2>&1 | grep -v WARNING
   rm -rf $G/failures
@@ -83,12 +85,13 @@ chain-bg)
     python3 benchmarks/gpu_sweep.py --target '$G'/smollm2 --draft models/dspark-smollm2-135m \
       --prompts vllm_dspark/reference_prompts/mt-bench.jsonl --out '$G'/gpu_sweep_h200.json '"$*"' \
       > '$G'/sweep.log 2>&1
+    python3 benchmarks/gpu_round_profile.py --target '$G'/smollm2 --draft models/dspark-smollm2-135m \
+      --prompts vllm_dspark/reference_prompts/mt-bench.jsonl --out '$G'/gpu_round_profile_h200.json \
+      --configs '"${PROFILE_CONFIGS:-upstream ours}"' > '$G'/profile.log 2>&1
     export VLLM_DSPARK_FAILURE_DIR='$G'/failures
-    python3 -m pytest tests/engine/test_v2.py tests/engine/test_gpu_scheduler.py -k gate \
-      -v -rs -p no:cacheprovider > '$G'/tests.log 2>&1
-    python3 -m pytest tests/engine/test_v2.py tests/engine/test_v2_server.py \
-      tests/engine/test_gpu_scheduler.py tests/kernels tests/schedule/test_triton_prefix.py tests/decode/test_tree.py \
-      -k "not gate" -v -rs -p no:cacheprovider >> '$G'/tests.log 2>&1
+    python3 -m pytest -n ${TEST_WORKERS:-4} tests/engine/test_v2.py tests/engine/test_v2_server.py \
+      tests/engine/test_gpu_scheduler.py tests/kernels tests/schedule/test_triton_prefix.py \
+      tests/decode/test_tree.py -v -rs -p no:cacheprovider > '$G'/tests.log 2>&1
   ' > $G/chain.log 2>&1 < /dev/null &
   echo $! > $G/chain.pid; echo $! > $G/sweep.pid; echo $! > $G/tests.pid ;;
 profile)
@@ -103,10 +106,10 @@ grab)
   limit=${2:-240}; t=0
   while kill -0 "$(cat $G/chain.pid)" 2>/dev/null && [ $t -lt $limit ]; do sleep 5; t=$((t+5)); done
   kill -0 "$(cat $G/chain.pid)" 2>/dev/null && echo "chain: still running" || echo "chain: done"
-  cp $G/gpu_sweep_h200.* $G/sweep.log $OUT/ 2>/dev/null
+  cp $G/gpu_sweep_h200.* $G/sweep.log $G/gpu_round_profile_h200.json $G/profile.log $OUT/ 2>/dev/null
   [ -f $G/tests.log ] && cp $G/tests.log $OUT/gpu_tests_v2_h200.log
   [ -d $G/failures ] && tar -cf $OUT/gpu_test_failures.tar -C $G failures
-  tail -n 12 $G/sweep.log; grep -E "PASSED|FAILED|ERROR|passed|failed" $G/tests.log 2>/dev/null | tail -n 40
+  tail -n 12 $G/sweep.log; tail -n 3 $G/profile.log 2>/dev/null; grep -E "PASSED|FAILED|ERROR|passed|failed" $G/tests.log 2>/dev/null | tail -n 40
   nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader ;;
 wait)
   name=$2; limit=${3:-540}; t=0

@@ -1,0 +1,49 @@
+"""benchmarks/gpu_sweep.py's summary on CPU: rows from raw runs, and a configuration that
+died mid-sweep keeps the cells it measured and is left out of the rest."""
+
+import importlib.util
+import os
+from types import SimpleNamespace
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _sweep():
+    path = os.path.join(HERE, "..", "benchmarks", "gpu_sweep.py")
+    spec = importlib.util.spec_from_file_location("gpu_sweep", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _run(c, seconds, digest="d", drafts=0, accepted=0):
+    return dict(tokens=256 * c, seconds=seconds, digest=digest, num_drafts=drafts,
+                num_draft_tokens=7 * drafts, num_accepted_tokens=accepted, concurrency=c,
+                temperature=0.0, repeat=0)
+
+
+def test_a_configuration_that_died_keeps_its_cells(capsys):
+    sweep = _sweep()
+    raw = {"plain": [_run(1, 1.0), _run(4, 1.0)],
+           "ours": [_run(1, 0.5, drafts=100, accepted=50), _run(4, 2.0, digest="x", drafts=10)],
+           "ours-tree": [_run(1, 0.8, drafts=100, accepted=150)]}  # died before C = 4
+    args = SimpleNamespace(temperatures=[0.0], concurrency=[1, 4])
+    rows = {(r["config"], r["concurrency"]): r for r in sweep.summarize(raw, args)}
+    assert set(rows) == {("plain", 1), ("plain", 4), ("ours", 1), ("ours", 4), ("ours-tree", 1)}
+    assert rows[("ours", 1)]["ratio_to_plain"] == 2.0 and rows[("ours", 1)]["tau"] == 1.5
+    assert rows[("ours", 1)]["identical_to_plain"] is True
+    assert rows[("ours", 4)]["identical_to_plain"] is False
+    assert rows[("ours-tree", 1)]["tau"] == 2.5 and rows[("ours-tree", 1)]["tok_s"] == 320
+    sweep.print_table(list(rows.values()), ["plain", "ours", "ours-tree"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-1].split()[0] == "4" and lines[-1].split()[-1] == "-"
+
+
+def test_every_configuration_has_a_job():
+    sweep = _sweep()
+    args = SimpleNamespace(draft="d", gamma=7)
+    for name in sweep.CONFIGS:
+        spec, env = sweep.config_job(name, args)
+        assert (spec is None) == (name == "plain"), name
+    assert sweep.config_job("ours-tree", args)[1] == {"VLLM_DSPARK_TREE": "on"}
+    assert sweep.LLM_KWARGS["ours-tree"]["compilation_config"]["cudagraph_mode"] == "PIECEWISE"
