@@ -74,9 +74,10 @@ sweep-bg)
     --out $G/gpu_sweep_h200.json "$@" > $G/sweep.log 2>&1 < /dev/null &
   echo $! > $G/sweep.pid ;;
 chain-bg)
-  # The sweep on the GPU alone, then the round profile (alone too: both are timings),
-  # then the GPU tests, 4 at a time (pytest-xdist: each test's engine is small; the
-  # engine start-ups, not the GPU, set their time). One background job, one log each,
+  # The sweep on the GPU alone, then the GPU tests, then the round profile (alone too:
+  # both are timings; the profile last, as an older one exists when the budget runs out).
+  # Tests 4 at a time (pytest-xdist: each test's engine is small; the engine start-ups,
+  # not the GPU, set their time). One background job, one log each,
   # so no step waits on the next `device` call.
   shift
   python3 -m pip install -q --no-deps --no-build-isolation --upgrade --target /tmp/site . 2>&1 | grep -v WARNING
@@ -85,13 +86,13 @@ chain-bg)
     python3 benchmarks/gpu_sweep.py --target '$G'/smollm2 --draft models/dspark-smollm2-135m \
       --prompts vllm_dspark/reference_prompts/mt-bench.jsonl --out '$G'/gpu_sweep_h200.json '"$*"' \
       > '$G'/sweep.log 2>&1
-    python3 benchmarks/gpu_round_profile.py --target '$G'/smollm2 --draft models/dspark-smollm2-135m \
-      --prompts vllm_dspark/reference_prompts/mt-bench.jsonl --out '$G'/gpu_round_profile_h200.json \
-      --configs '"${PROFILE_CONFIGS:-upstream ours}"' > '$G'/profile.log 2>&1
     export VLLM_DSPARK_FAILURE_DIR='$G'/failures
     python3 -m pytest -n ${TEST_WORKERS:-4} tests/engine/test_v2.py tests/engine/test_v2_server.py \
       tests/engine/test_gpu_scheduler.py tests/kernels tests/schedule/test_triton_prefix.py \
-      tests/decode/test_tree.py -v -rs -p no:cacheprovider > '$G'/tests.log 2>&1
+      tests/decode/test_tree.py -v -rs -p no:cacheprovider > '$G'/tests.log 2>&1 < /dev/null
+    python3 benchmarks/gpu_round_profile.py --target '$G'/smollm2 --draft models/dspark-smollm2-135m \
+      --prompts vllm_dspark/reference_prompts/mt-bench.jsonl --out '$G'/gpu_round_profile_h200.json \
+      --configs '"${PROFILE_CONFIGS:-upstream ours}"' > '$G'/profile.log 2>&1
   ' > $G/chain.log 2>&1 < /dev/null &
   echo $! > $G/chain.pid; echo $! > $G/sweep.pid; echo $! > $G/tests.pid ;;
 profile)
