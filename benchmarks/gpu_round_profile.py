@@ -3,23 +3,24 @@
     python benchmarks/gpu_round_profile.py --target T --draft D --prompts mt-bench.jsonl \
         --out benchmarks/results/gpu_round_profile_h200.json
 
-Each configuration runs in its own process, in-process engine (no worker process, so
-the profiler sees the runner), CUDA graphs on: ``ours`` (the plugin) and ``upstream``
+Each configuration runs in its own process, in-process engine (no worker process, so the
+profiler sees the runner), CUDA graphs on: ``ours`` (the plugin) and ``upstream``
 (plugin disabled), plus ``plain``; ``ours-budget`` / ``upstream-adaptive`` verify a
-device-side budget (Algorithm 1 / vLLM's rule); ``ours-eager`` / ``upstream-eager`` run without CUDA
-graphs, where the ``sequential`` range (the Markov loop, sampling and confidences,
-``_sample_sequential``) shows that stage's share of the draft's GPU time. The runner's
-phases are wrapped in ``record_function`` ranges: ``target`` (execute_model: inputs +
-target forward),
-``sample`` (sample_tokens: rejection sampling, bookkeeping, and the drafting inside
-it), ``draft`` (the speculator's propose: context K/V, backbone, sequential stage, as
-one FULL-graph replay). After a warm-up request, one request decodes ``--tokens``
-tokens under the profiler; per decode step we report each range's CPU time and the
-GPU time of the kernels it launched, the step's wall time, and the host gap (wall −
-GPU time of all kernels, i.e. time the GPU waited on the host). The same request is
-first decoded without the profiler (``unprofiled``): wall time per step, and per range
-the time between CUDA events recorded around it (no sync in the loop) — the numbers to
-compare, since the profiler inflates graphs of many small kernels.
+device-side budget (Algorithm 1 / vLLM's rule); ``ours-tree`` verifies draft trees
+(``VLLM_DSPARK_TREE=on``, the sweep's FlashAttention + PIECEWISE engine arguments);
+``ours-eager`` / ``upstream-eager`` run without CUDA graphs, where the ``sequential``
+range (the Markov loop, sampling and confidences, ``_sample_sequential``) shows that
+stage's share of the draft's GPU time. The runner's phases are wrapped in
+``record_function`` ranges: ``target`` (execute_model: inputs + target forward),
+``sample`` (sample_tokens: rejection sampling, bookkeeping, and the drafting inside it),
+``draft`` (the speculator's propose: context K/V, backbone, sequential stage, as one
+FULL-graph replay). After a warm-up request, one request decodes ``--tokens`` tokens
+under the profiler; per decode step we report each range's CPU time and the GPU time of
+the kernels it launched, the step's wall time, and the host gap (wall − GPU time of all
+kernels, i.e. time the GPU waited on the host). The same request is first decoded
+without the profiler (``unprofiled``): wall time per step, and per range the time
+between CUDA events recorded around it (no sync in the loop) — the numbers to compare,
+since the profiler inflates graphs of many small kernels.
 """
 
 from __future__ import annotations
@@ -80,6 +81,7 @@ if __name__ == "__main__":
               seed=0, enforce_eager=job.get("eager", False) or not cuda)
     if job["spec"] is not None:
         kw["speculative_config"] = job["spec"]
+    kw.update(job.get("llm_kwargs", {}))
     llm = LLM(**kw)
     chat = [[{"role": "user", "content": job["prompt"]}]]
     params = SamplingParams(temperature=0.0, max_tokens=job["tokens"], ignore_eos=True)
@@ -111,6 +113,10 @@ if __name__ == "__main__":
     for e in prof.events():
         if e.device_type.name == "CUDA":
             kernels_us += e.device_time
+    # The heaviest kernels and host ops of the profiled run: where a slow mode's time goes.
+    avgs = prof.key_averages()
+    top_gpu = sorted(avgs, key=lambda e: getattr(e, "device_time_total", 0.0), reverse=True)[:15]
+    top_cpu = sorted(avgs, key=lambda e: e.self_cpu_time_total, reverse=True)[:15]
     steps = stats.get("target", {}).get("calls", 0) or 1
     per_step = {k: dict(cpu_ms=v["cpu_us"] / steps / 1e3, gpu_ms=v["gpu_us"] / steps / 1e3,
                         calls_per_step=v["calls"] / steps) for k, v in stats.items()}
@@ -118,6 +124,10 @@ if __name__ == "__main__":
                gpu_ms_per_step=kernels_us / steps / 1e3,
                host_gap_ms_per_step=(wall * 1e6 - kernels_us) / steps / 1e3,
                tokens=job["tokens"], tok_s=job["tokens"] / wall, phases=per_step,
+               top_gpu_ms_per_step={e.key[:80]: getattr(e, "device_time_total", 0.0) / steps / 1e3
+                                    for e in top_gpu},
+               top_self_cpu_ms_per_step={e.key[:80]: e.self_cpu_time_total / steps / 1e3
+                                         for e in top_cpu},
                unprofiled=dict(steps=plain_steps, wall_ms_per_step=plain_wall / plain_steps * 1e3,
                                tok_s=job["tokens"] / plain_wall, event_ms_per_step=event_ms))
     print("RESULT " + json.dumps(out), flush=True)
@@ -146,7 +156,10 @@ def main() -> None:
              "upstream-eager": (spec, off), "ours-eager": (spec, {}),
              # The verification budget on the device: vLLM's rule and ours (Algorithm 1).
              "upstream-adaptive": (dict(spec, enable_adaptive_verification=True), off),
-             "ours-budget": (spec, {"VLLM_DSPARK_SCHEDULER": "causal"})}
+             "ours-budget": (spec, {"VLLM_DSPARK_SCHEDULER": "causal"}),
+             # Tree verification (issue 17): the sweep's engine arguments for it.
+             "ours-tree": (spec, {"VLLM_DSPARK_TREE": "on"})}
+    from gpu_sweep import LLM_KWARGS  # benchmarks/ is this script's directory
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         worker = os.path.join(tmp, "worker.py")
@@ -156,7 +169,8 @@ def main() -> None:
             jp = os.path.join(tmp, f"{name}.json")
             json.dump(dict(target=args.target, spec=spec_cfg, prompt=prompt,
                            tokens=args.tokens, dtype=args.dtype, eager=name.endswith("-eager"),
-                           plugin_off=bool(env)), open(jp, "w"))
+                           plugin_off=bool(env), llm_kwargs=LLM_KWARGS.get(name, {})),
+                      open(jp, "w"))
             proc = subprocess.run([sys.executable, worker, jp], capture_output=True, text=True,
                                   env=dict(os.environ, **env), timeout=900)
             line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)

@@ -92,7 +92,7 @@ chain-bg)
       tests/decode/test_tree.py -v -rs -p no:cacheprovider > '$G'/tests.log 2>&1 < /dev/null
     python3 benchmarks/gpu_round_profile.py --target '$G'/smollm2 --draft models/dspark-smollm2-135m \
       --prompts vllm_dspark/reference_prompts/mt-bench.jsonl --out '$G'/gpu_round_profile_h200.json \
-      --configs '"${PROFILE_CONFIGS:-upstream ours}"' > '$G'/profile.log 2>&1
+      --configs '"${PROFILE_CONFIGS:-upstream ours ours-tree}"' > '$G'/profile.log 2>&1
   ' > $G/chain.log 2>&1 < /dev/null &
   echo $! > $G/chain.pid; echo $! > $G/sweep.pid; echo $! > $G/tests.pid ;;
 profile)
