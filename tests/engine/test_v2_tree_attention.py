@@ -14,7 +14,7 @@ from vllm_dspark.engine.v2.tree_step import flash_attn_kv_views
 BS, KVH, H, D = 4, 2, 4, 8
 
 
-def test_tree_rows_get_tree_attention_and_the_rest_stays_causal():
+def test_tree_rows_get_tree_attention_and_the_rest_stays_causal(monkeypatch):
     g = torch.Generator().manual_seed(0)
     # batch rows: a tree of 4 nodes (all admitted), a prefill chunk (6 rows, 1 logits row), a tree
     # (2 of its 4 nodes admitted); request states shuffled
@@ -72,3 +72,18 @@ def test_tree_rows_get_tree_attention_and_the_rest_stays_causal():
     # Node 3 of the first tree (parent node 0) saw nodes 1 and 2 under causal attention.
     assert not torch.allclose(out[4], causal.view(t, H, D)[4])
     assert ta.tree_rows(qsl, torch.arange(4).int(), idx, num_computed, parents) is None
+
+    # Two more layers of the same step: the inputs are checked at the first one only
+    # (the check reads values back to the host), and each layer's output is unchanged.
+    flags, kernel = [], ta.tree_attention
+    monkeypatch.setattr(ta, "tree_attention",
+                        lambda *a, check=True: flags.append(check) or kernel(*a, check=check))
+    step = ta.tree_rows(qsl, cu, idx, num_computed, parents)
+    ta.set_step(step)
+    try:
+        layers = [impl.forward(None, q, k, v, kv, md, torch.zeros(t, H * D)) for _ in range(2)]
+    finally:
+        ta.set_step(None)
+    assert flags == [True, False]
+    for o in layers:
+        torch.testing.assert_close(o.view(t, H, D), out)

@@ -36,6 +36,7 @@ class TreeRows:
     context_lens: torch.Tensor  # [R'] tokens before each root (its KV slot offset)
     mask: torch.Tensor  # [R', N+1, N+1] bool: root, then the admitted nodes
     caches: list | None = None  # if a list: each layer's KV cache is appended to it
+    checked: bool = False  # inputs checked at the step's first layer (the rest share them)
 
 
 def tree_rows(query_start_loc: torch.Tensor, cu_num_logits: torch.Tensor,
@@ -69,8 +70,12 @@ def tree_forward(impl, query: torch.Tensor, kv_cache: torch.Tensor, attn_metadat
         step.caches.append(kv_cache)  # the step's target layers (for KV compaction)
     k, v = flash_attn_kv_views(kv_cache, impl.head_size)
     heads = query.shape[1]
+    # Every layer of a step sees the same rows, lengths, mask and block table: checking
+    # them once keeps one clear error without a host read-back in each of the 30 layers.
     att = tree_attention(query[step.rows], k, v, attn_metadata.block_table[step.reqs],
-                         step.context_lens, step.query_start, step.mask, impl.scale)
+                         step.context_lens, step.query_start, step.mask, impl.scale,
+                         check=not step.checked)
+    step.checked = True
     output.view(output.shape[0], heads, -1)[step.rows] = att.to(output.dtype)
 
 

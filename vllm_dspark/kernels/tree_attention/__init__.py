@@ -10,11 +10,13 @@ from vllm_dspark.kernels.tree_attention.ref import tree_attention_ref
 
 
 def tree_attention(q, k_cache, v_cache, block_table, context_lens, query_start, tree_mask,
-                   scale):
-    """See ``ref.tree_attention_ref`` for the contract."""
+                   scale, check: bool = True):
+    """See ``ref.tree_attention_ref`` for the contract. ``check=False`` skips the Triton
+    path's input checks, which read values back to the host (the reference, a host loop
+    anyway, always checks)."""
     args = (q, k_cache, v_cache, block_table, context_lens, query_start, tree_mask, scale)
     if available(q.device):
-        return tree_attention_triton(*args)
+        return tree_attention_triton(*args, check=check)
     return tree_attention_ref(*args)
 
 
