@@ -306,3 +306,18 @@ def test_a_masked_batch_row_files_into_the_spare_row():
                             torch.arange(6), lambda lg, eim, key: lg.argmax(-1))
     assert run.tokens[0].tolist() == [11, 12]  # state 0 untouched by the masked row
     assert run.tokens[3].tolist() == [6, 7] and run.tokens[2].tolist() == [9, 4]
+
+
+def test_kv_compaction_checks_its_inputs_at_the_first_layer_only(monkeypatch):
+    """The layers share every input but the caches, and a check reads values back to the
+    host: ``compact_target_kv`` checks once a step, not once a layer."""
+    flags = []
+    monkeypatch.setattr(tree_step, "compact_kv",
+                        lambda *a, check=True: flags.append((a[0], check)))
+    caches = [(torch.zeros(2, BS, KV_HEADS, HD), torch.zeros(2, BS, KV_HEADS, HD))
+              for _ in range(3)]
+    verdict = SimpleNamespace(accepted=torch.tensor([[0, 1, -1]]),
+                              num_accepted=torch.tensor([1]))
+    tree_step.compact_target_kv(caches, torch.tensor([[0, 1]]), torch.tensor([2]), verdict)
+    assert [c for _, c in flags] == [True, False, False]
+    assert all(k is kv[0] for (k, _), kv in zip(flags, caches))

@@ -117,8 +117,10 @@ def compact_target_kv(kv_views: list[tuple[torch.Tensor, torch.Tensor]],
     position)."""
     kept = kept_rows(verdict).clamp(min=0)
     num_kept = verdict.num_accepted + 1
-    for k, v in kv_views:
-        compact_kv(k, v, block_table, context_lens.long(), kept, num_kept)
+    # The layers share every input but the caches (one shape): checked at the first only,
+    # as each check reads values back to the host.
+    for i, (k, v) in enumerate(kv_views):
+        compact_kv(k, v, block_table, context_lens.long(), kept, num_kept, check=i == 0)
 
 
 def tree_sample(logits: torch.Tensor, cu_num_logits: torch.Tensor, idx_mapping: torch.Tensor,

@@ -9,10 +9,13 @@ from vllm_dspark.kernels.kv_compact.kernel import available, compact_kv_triton
 from vllm_dspark.kernels.kv_compact.ref import compact_kv_ref
 
 
-def compact_kv(k_cache, v_cache, block_table, context_lens, kept, num_kept) -> None:
+def compact_kv(k_cache, v_cache, block_table, context_lens, kept, num_kept,
+               check: bool = True) -> None:
+    """``check=False`` skips the Triton path's input checks (host read-backs); the
+    reference always checks."""
     args = (k_cache, v_cache, block_table, context_lens, kept, num_kept)
     if available(k_cache.device):
-        return compact_kv_triton(*args)
+        return compact_kv_triton(*args, check=check)
     return compact_kv_ref(*args)
 
 

@@ -54,9 +54,12 @@ def available(device: torch.device) -> bool:
 
 
 @torch.no_grad()
-def compact_kv_triton(k_cache, v_cache, block_table, context_lens, kept, num_kept) -> None:
-    """Same contract as ``ref.compact_kv_ref`` (in place)."""
-    check_inputs(k_cache, v_cache, block_table, context_lens, kept, num_kept)
+def compact_kv_triton(k_cache, v_cache, block_table, context_lens, kept, num_kept,
+                      check: bool = True) -> None:
+    """Same contract as ``ref.compact_kv_ref`` (in place). ``check=False`` skips the
+    input checks, which read values back to the host."""
+    if check:
+        check_inputs(k_cache, v_cache, block_table, context_lens, kept, num_kept)
     r = block_table.shape[0]
     if r == 0:
         return
