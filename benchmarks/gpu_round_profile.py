@@ -103,19 +103,19 @@ if __name__ == "__main__":
         if cuda:
             torch.cuda.synchronize()
         wall = time.perf_counter() - t0
-    stats, kernels_us = {}, 0.0
-    for e in prof.key_averages():
+    def device_us(e):  # the field's name before torch 2.4: cuda_time_total
         dev = getattr(e, "device_time_total", None)
-        if dev is None:
-            dev = getattr(e, "cuda_time_total", 0.0)
+        return getattr(e, "cuda_time_total", 0.0) if dev is None else dev
+
+    stats, kernels_us, avgs = {}, 0.0, prof.key_averages()
+    for e in avgs:
         if e.key in ("target", "sample", "draft", "sequential"):
-            stats[e.key] = dict(calls=e.count, cpu_us=e.cpu_time_total, gpu_us=dev)
+            stats[e.key] = dict(calls=e.count, cpu_us=e.cpu_time_total, gpu_us=device_us(e))
     for e in prof.events():
         if e.device_type.name == "CUDA":
             kernels_us += e.device_time
     # The heaviest kernels and host ops of the profiled run: where a slow mode's time goes.
-    avgs = prof.key_averages()
-    top_gpu = sorted(avgs, key=lambda e: getattr(e, "device_time_total", 0.0), reverse=True)[:15]
+    top_gpu = sorted(avgs, key=device_us, reverse=True)[:15]
     top_cpu = sorted(avgs, key=lambda e: e.self_cpu_time_total, reverse=True)[:15]
     steps = stats.get("target", {}).get("calls", 0) or 1
     per_step = {k: dict(cpu_ms=v["cpu_us"] / steps / 1e3, gpu_ms=v["gpu_us"] / steps / 1e3,
@@ -124,8 +124,7 @@ if __name__ == "__main__":
                gpu_ms_per_step=kernels_us / steps / 1e3,
                host_gap_ms_per_step=(wall * 1e6 - kernels_us) / steps / 1e3,
                tokens=job["tokens"], tok_s=job["tokens"] / wall, phases=per_step,
-               top_gpu_ms_per_step={e.key[:80]: getattr(e, "device_time_total", 0.0) / steps / 1e3
-                                    for e in top_gpu},
+               top_gpu_ms_per_step={e.key[:80]: device_us(e) / steps / 1e3 for e in top_gpu},
                top_self_cpu_ms_per_step={e.key[:80]: e.self_cpu_time_total / steps / 1e3
                                          for e in top_cpu},
                unprofiled=dict(steps=plain_steps, wall_ms_per_step=plain_wall / plain_steps * 1e3,
