@@ -61,8 +61,14 @@ tests-bg)
   shift
   python3 -m pip install -q --no-deps --no-build-isolation --upgrade --target /tmp/site . 2>&1 | grep -v WARNING
   rm -rf $G/failures  # each failure's report lands here as it happens (tests/conftest.py)
-  VLLM_DSPARK_FAILURE_DIR=$G/failures setsid nohup python3 -m pytest tests/kernels tests/schedule/test_triton_prefix.py tests/decode/test_tree.py \
-    tests/engine/test_v2.py tests/engine/test_v2_server.py tests/engine/test_gpu_scheduler.py \
+  # TEST_WORKERS > 1: pytest-xdist, one file per worker (a module's engines, e.g.
+  # test_v2.py's greedy_runs, start once); for the GPU alone, not beside a training run
+  # (each test starts its engines side by side: ~2 GB each).
+  workers=(); [ "${TEST_WORKERS:-1}" -gt 1 ] && workers=(-n "$TEST_WORKERS" --dist loadfile)
+  VLLM_DSPARK_FAILURE_DIR=$G/failures setsid nohup python3 -m pytest "${workers[@]}" \
+    tests/engine/test_v2.py tests/kernels tests/schedule/test_triton_prefix.py tests/decode/test_tree.py \
+    tests/engine/test_v2_tree_step.py tests/engine/test_v2_tree_attention.py \
+    tests/engine/test_v2_server.py tests/engine/test_gpu_scheduler.py \
     -v -rs -p no:cacheprovider \
     "$@" > $G/tests.log 2>&1 < /dev/null &
   echo $! > $G/tests.pid ;;

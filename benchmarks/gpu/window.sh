@@ -38,6 +38,12 @@
 #   SCALE=0 PROFILE=0 KERNELS=0 PROBE_SPS=3.3 EVAL_S=240 DEADLINE=... window.sh start
 # (3.3: the 3.53 measured alone, less what the tests beside it now take; an unfinished
 # schedule still exports its weights when --max-minutes stops it).
+# On an H100 (80 GB) the tests and a 48 GB training do not fit side by side: TESTS_ALONE=1
+# runs the tests first, alone, TEST_WORKERS (3) files at a time; WARM_FROM=DIR continues
+# an earlier drafter of the recipe (DIR: config.json, training.json, model.safetensors)
+# instead of training `big` from scratch:
+#   TESTS_ALONE=1 WARM_FROM=models/dspark-smollm2-135m PROFILE_CONFIGS=ours-tree SCALE=0 \
+#     KERNELS=0 PROBE_SPS=3.3 EVAL_S=240 DEADLINE=... window.sh start
 # Next window for issue 15 (the sweep needs the GPU alone, so not beside a training): the
 # GPU tests first (they now include the V2 draft gate: test_v2.py -k gate, chi-square
 # "gate"), then `session.sh sweep-bg` (default configs: plain upstream upstream-adaptive
@@ -55,7 +61,15 @@ start)
     [ "${PROFILE:-1}" = 1 ] && OUT=$OUT_KEEP bash benchmarks/gpu/session.sh profile > '$L'/profile.log 2>&1
     # KERNEL_ARGS narrows the timing (e.g. the split cases: --requests 1 8), KERNEL_JSON names it.
     [ "${KERNELS:-1}" = 1 ] && timeout ${KERNELS_S:-150} python3 benchmarks/tree_kernels_gpu.py --reps 20 ${KERNEL_ARGS:-} --out $OUT_KEEP/${KERNEL_JSON:-tree_kernels_h200.json} > '$L'/kernels.log 2>&1
-    bash benchmarks/gpu/session.sh tests-bg
+    if [ "${TESTS_ALONE:-0}" = 1 ]; then
+      # The GPU tests before the training, on the GPU alone, TEST_WORKERS files at a time:
+      # the 80 GB of an H100 hold the 48 GB training run or the ~12 engines of one test, not both.
+      TEST_WORKERS=${TEST_WORKERS:-3} bash benchmarks/gpu/session.sh tests-bg
+      while kill -0 $(cat '$G'/tests.pid) 2>/dev/null; do sleep 5; done
+      echo tests-done
+    else
+      bash benchmarks/gpu/session.sh tests-bg
+    fi
     [ -f /tmp/pair/data60k/data.meta.json ] || bash benchmarks/smollm2/gpu.sh data-in
     # The data is complete in the repository (data-bg then finds nothing to write); 3
     # shards put parts 2 and 6, the two once missing, on different engines (k % 3).
@@ -78,7 +92,16 @@ start)
     leg=$(( '$DEADLINE' - $(date +%s) - 90 - ${EVAL_S:-210} ))
     share=1.3125; [ "${SCALE:-1}" = 0 ] && share=1
     steps=$(python3 -c "import json; t=json.load(open(\"/tmp/pair/probe/training.json\"))[\"throughput\"]; print(int(t[\"steps_per_s\"] * $leg * 0.93 / $share))")
-    echo "training leg: $leg s, big: $steps steps"
+    # WARM_FROM (a drafter directory of this recipe, e.g. the committed one): `big` warm-
+    # restarts from its bf16 export (trainer doc) and trains the steps of the leg on top of it.
+    if [ -n "${WARM_FROM:-}" ] && [ ! -f /tmp/pair/big/training.json ]; then
+      mkdir -p /tmp/pair/big
+      cp $WARM_FROM/config.json $WARM_FROM/training.json $WARM_FROM/model.safetensors /tmp/pair/big/
+    fi
+    prev=0
+    [ -f /tmp/pair/big/training.json ] && prev=$(python3 -c "import json; print(json.load(open(\"/tmp/pair/big/training.json\"))[\"step\"])")
+    steps=$(( prev + steps ))
+    echo "training leg: $leg s, big: $steps steps (from step $prev)"
     if [ $leg -ge 120 ]; then
       STEPS=$steps SKIP_INSTALL=1 bash benchmarks/smollm2/gpu.sh big-bg $(( leg / 60 + 1 ))
       echo started-big
