@@ -72,8 +72,12 @@ def main() -> None:
                    for p in batch["prompts"]]
         params = SamplingParams(**batch["sampling"])
         for o in llm.generate(prompts, params, use_tqdm=False):
-            results.append({"request_id": o.request_id, "prompt_token_ids": o.prompt_token_ids,
-                            "outputs": [c.token_ids and list(c.token_ids) for c in o.outputs]})
+            row = {"request_id": o.request_id, "prompt_token_ids": o.prompt_token_ids,
+                   "outputs": [c.token_ids and list(c.token_ids) for c in o.outputs]}
+            if batch["sampling"].get("logprobs"):  # per position: [[token, logprob], ...]
+                row["logprobs"] = [[[[t, lp.logprob] for t, lp in pos.items()]
+                                    for pos in (c.logprobs or [])] for c in o.outputs]
+            results.append(row)
     elapsed = time.time() - t1
     json.dump({"results": results, "metrics": metrics_summary(llm), "startup_s": startup,
                "generate_s": elapsed,

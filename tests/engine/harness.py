@@ -46,3 +46,22 @@ def acceptance(result: dict) -> tuple[int, int, list[int]]:
 def read_trace(path: str) -> list[dict]:
     with open(path) as f:
         return [json.loads(line) for line in f]
+
+
+def divergences(result: dict, reference: dict) -> list[tuple[int, int, float | None]]:
+    """Where ``result``'s first outputs leave ``reference``'s: (request, first differing
+    position, the reference's top-2 logprob margin there, if it recorded logprobs) — a
+    margin near 0 is a near-tie, which another attention kernel's rounding may flip."""
+    out = []
+    for i, (got, ref) in enumerate(zip(tokens(result), tokens(reference))):
+        at = next((k for k, (a, b) in enumerate(zip(got, ref)) if a != b),
+                  None if len(got) == len(ref) else min(len(got), len(ref)))
+        if at is None:
+            continue
+        margin = None
+        lps = reference["results"][i].get("logprobs")
+        if lps and at < len(lps[0]) and len(lps[0][at]) >= 2:
+            top = sorted((lp for _, lp in lps[0][at]), reverse=True)
+            margin = top[0] - top[1]
+        out.append((i, at, margin))
+    return out
