@@ -85,7 +85,7 @@ if __name__ == "__main__":
 '''
 
 CONFIGS = ("plain", "upstream", "upstream-adaptive", "ours-fixed", "ours", "ours-gate",
-           "ours-budget", "ours-async", "ours-tree")
+           "ours-budget", "ours-async", "ours-tree", "ours-vllm-graphs")
 # Engine arguments beyond the shared ones, by configuration.
 LLM_KWARGS = {"ours-tree": {"attention_backend": "FLASH_ATTN",
                             "compilation_config": {"cudagraph_mode": "PIECEWISE"}}}
@@ -106,6 +106,9 @@ def config_job(name: str, args) -> tuple[dict | None, dict]:
         "ours-budget": (spec, {"VLLM_DSPARK_SCHEDULER": "causal"}),
         "ours-async": (spec, {"VLLM_DSPARK_SCHEDULER": "async"}),
         "ours-tree": (spec, {"VLLM_DSPARK_TREE": "on"}),
+        # vLLM's own CUDA graph sizes (its 512-token ceiling), as before the plugin
+        # captured every decode batch (engine/patches.py capture_every_decode_batch).
+        "ours-vllm-graphs": (spec, {"VLLM_DSPARK_DECODE_GRAPHS": "vllm"}),
     }[name]
 
 

@@ -9,7 +9,7 @@
 #   bash benchmarks/gpu/session.sh install         # there: vLLM + the project + SmolLM2 (≈ 1 min)
 #   bash benchmarks/gpu/session.sh tests-bg        # there: the GPU tests, log in /tmp/gpu/tests.log
 #   bash benchmarks/gpu/session.sh sweep-bg ARGS   # there: benchmarks/gpu_sweep.py
-#   bash benchmarks/gpu/session.sh chain-bg ARGS   # there: the sweep (ARGS), then the GPU tests
+#   bash benchmarks/gpu/session.sh chain-bg ARGS   # there: the GPU tests, the sweep (ARGS), the profile
 #   bash benchmarks/gpu/session.sh grab [s]        # there: wait on the chain, copy back its output
 #   bash benchmarks/gpu/session.sh profile         # there: one decode round's breakdown at c = 1
 #   bash benchmarks/gpu/session.sh wait NAME [s]   # there: poll a background job, copy its output
@@ -80,27 +80,22 @@ sweep-bg)
     --out $G/gpu_sweep_h200.json "$@" > $G/sweep.log 2>&1 < /dev/null &
   echo $! > $G/sweep.pid ;;
 chain-bg)
-  # The sweep on the GPU alone, then the GPU tests, then the round profile (alone too:
-  # both are timings; the profile last, as an older one exists when the budget runs out).
-  # Tests 4 at a time (pytest-xdist: each test's engine is small; the engine start-ups,
-  # not the GPU, set their time). One background job, one log each,
-  # so no step waits on the next `device` call.
+  # The GPU tests first (TEST_WORKERS files at a time, 3 by default), then the sweep
+  # (ARGS) on the GPU alone, then the round profile (alone too: both are timings).
+  # One background job, one log each, so no step waits on the next `device` call.
   shift
   python3 -m pip install -q --no-deps --no-build-isolation --upgrade --target /tmp/site . 2>&1 | grep -v WARNING
-  rm -rf $G/failures
+  TEST_WORKERS=${TEST_WORKERS:-3} bash $0 tests-bg
   setsid nohup bash -c '
+    while kill -0 $(cat '$G'/tests.pid) 2>/dev/null; do sleep 5; done
     python3 benchmarks/gpu_sweep.py --target '$G'/smollm2 --draft models/dspark-smollm2-135m \
       --prompts vllm_dspark/reference_prompts/mt-bench.jsonl --out '$G'/gpu_sweep_h200.json '"$*"' \
       > '$G'/sweep.log 2>&1
-    export VLLM_DSPARK_FAILURE_DIR='$G'/failures
-    python3 -m pytest -n ${TEST_WORKERS:-4} tests/engine/test_v2.py tests/engine/test_v2_server.py \
-      tests/engine/test_gpu_scheduler.py tests/kernels tests/schedule/test_triton_prefix.py \
-      tests/decode/test_tree.py -v -rs -p no:cacheprovider > '$G'/tests.log 2>&1 < /dev/null
     python3 benchmarks/gpu_round_profile.py --target '$G'/smollm2 --draft models/dspark-smollm2-135m \
       --prompts vllm_dspark/reference_prompts/mt-bench.jsonl --out '$G'/gpu_round_profile_h200.json \
       --configs '"${PROFILE_CONFIGS:-upstream ours ours-tree}"' > '$G'/profile.log 2>&1
   ' > $G/chain.log 2>&1 < /dev/null &
-  echo $! > $G/chain.pid; echo $! > $G/sweep.pid; echo $! > $G/tests.pid ;;
+  echo $! > $G/chain.pid; echo $! > $G/sweep.pid ;;
 profile)
   python3 -m pip install -q --no-deps --no-build-isolation --upgrade --target /tmp/site . 2>&1 | grep -v WARNING
   python3 benchmarks/gpu_round_profile.py --target $G/smollm2 --draft models/dspark-smollm2-135m \

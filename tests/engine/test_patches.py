@@ -71,6 +71,67 @@ def test_the_embedding_state_is_captured_as_a_copy():
     assert aliased[0] is embeddings
 
 
+def _graph_config(method="dspark", gamma=7, max_num_seqs=128, **sizes):
+    """What vLLM's ``VllmConfig._set_cudagraph_sizes`` reads, around a real
+    CompilationConfig with CUDA graphs on (CPU configs have none)."""
+    from types import SimpleNamespace
+
+    from vllm.config import CompilationConfig
+    from vllm.config.compilation import CUDAGraphMode
+
+    cc = CompilationConfig(cudagraph_mode=CUDAGraphMode.FULL_AND_PIECEWISE, **sizes)
+    spec = SimpleNamespace(method=method, num_speculative_tokens=gamma,
+                           uses_dynamic_speculative_decoding=lambda: False)
+    return SimpleNamespace(
+        model_config=SimpleNamespace(enforce_eager=False), compilation_config=cc,
+        scheduler_config=SimpleNamespace(max_num_seqs=max_num_seqs,
+                                         max_num_batched_tokens=8192),
+        speculative_config=spec, uniform_decode_query_len=1 + gamma,
+        num_speculative_tokens=gamma, performance_mode="balanced")
+
+
+def test_every_decode_batch_gets_a_cuda_graph(monkeypatch):
+    """vLLM caps its capture sizes at 512 tokens, so 8-token decode steps of more than 64
+    requests ran eagerly (the H100 sweep's C = 128 collapse); for dspark every uniform
+    decode batch up to max_num_seqs is captured, unless the user chose the sizes or
+    VLLM_DSPARK_DECODE_GRAPHS=vllm."""
+    from vllm.config import VllmConfig
+
+    from vllm_dspark.config import DSparkConfigError
+    from vllm_dspark.engine.patches import DECODE_GRAPHS_ENV, apply_all
+
+    apply_all()
+    monkeypatch.delenv(DECODE_GRAPHS_ENV, raising=False)
+    vllms = _graph_config()
+    VllmConfig._set_cudagraph_sizes.__wrapped__(vllms)
+    assert vllms.compilation_config.max_cudagraph_capture_size == 512  # vLLM alone
+    ours = _graph_config()
+    VllmConfig._set_cudagraph_sizes(ours)
+    sizes = ours.compilation_config.cudagraph_capture_sizes
+    assert ours.compilation_config.max_cudagraph_capture_size == sizes[-1] == 128 * 8
+    assert {n * 8 for n in range(72, 129, 8)} <= set(sizes)  # 72..128 requests
+    assert set(vllms.compilation_config.cudagraph_capture_sizes) <= set(sizes)
+    for other in (_graph_config(method="eagle"), _graph_config(max_cudagraph_capture_size=256),
+                  _graph_config(cudagraph_capture_sizes=[8, 16, 64])):
+        VllmConfig._set_cudagraph_sizes(other)  # not dspark, or sizes of the user's: vLLM's
+        assert other.compilation_config.max_cudagraph_capture_size <= 512
+    monkeypatch.setenv(DECODE_GRAPHS_ENV, "vllm")
+    kept = _graph_config()
+    VllmConfig._set_cudagraph_sizes(kept)
+    assert kept.compilation_config.max_cudagraph_capture_size == 512
+    monkeypatch.setenv(DECODE_GRAPHS_ENV, "wide")
+    with pytest.raises(DSparkConfigError, match=f"{DECODE_GRAPHS_ENV}='wide'.*all.*vllm"):
+        VllmConfig._set_cudagraph_sizes(_graph_config())
+
+
+def test_decode_batch_sizes_follow_vllms_request_grid():
+    from vllm_dspark.engine.patches import decode_batch_sizes
+
+    assert decode_batch_sizes(20, 8, 8192) == [8, 16, 32, 64, 128, 160]
+    assert decode_batch_sizes(300, 4, 1000)[-3:] == [928, 960, 992]  # 1024 > 1000 tokens
+    assert max(decode_batch_sizes(512, 8, 2048)) == 2048
+
+
 def test_expand_kernel_twin_writes_float_outputs():
     """Upstream's CPU override wrote into an int64 copy; ours fills the real tensor."""
     from vllm_dspark.engine.v1.patches import _expand_kernel_impl

@@ -49,8 +49,8 @@ def _in_order() -> list[Callable[[], None]]:
 
     return [register_draft_model, v1.allow_dspark_on_v1_runner, validate_draft_at_startup,
             v1.install_v1_proposer, v1.keep_the_last_prefix_block, copy_the_embedding_state,
-            v1.install_verification_scheduler, count_unverified_decode_steps,
-            v1.sample_plainly_without_drafts, v1.carry_drafts_in_the_output,
+            capture_every_decode_batch, v1.install_verification_scheduler,
+            count_unverified_decode_steps, v1.sample_plainly_without_drafts, v1.carry_drafts_in_the_output,
             v1.carry_round_stats_in_the_output, collect_dspark_step_stats,
             export_dspark_metrics, v1.fix_cpu_expand_kernel]
 
@@ -190,6 +190,79 @@ def copy_the_embedding_state() -> None:
         return patched
 
     _wrap(EagleModelMixin, "_maybe_add_hidden_state", make)
+
+
+DECODE_GRAPHS_ENV = "VLLM_DSPARK_DECODE_GRAPHS"
+DECODE_GRAPHS = ("all", "vllm")
+
+
+def decode_graphs_mode(environ=None) -> str:
+    """``VLLM_DSPARK_DECODE_GRAPHS``: ``all`` (the default: a CUDA graph for every decode
+    batch up to max_num_seqs requests) or ``vllm`` (vLLM's own capture sizes)."""
+    environ = os.environ if environ is None else environ
+    value = environ.get(DECODE_GRAPHS_ENV, "").strip().lower() or "all"
+    if value not in DECODE_GRAPHS:
+        raise DSparkConfigError(
+            f"{DECODE_GRAPHS_ENV}={value!r} is not a capture mode: use all (the default, a "
+            "CUDA graph for every decode batch) or vllm (vLLM's capture sizes).")
+    return value
+
+
+def decode_batch_sizes(max_num_seqs: int, query_len: int, max_tokens: int) -> list[int]:
+    """Token counts of uniform decode batches (``query_len`` tokens a request) for
+    request counts on vLLM's grid (1, 2, 4, multiples of 8, then of 16 from 256, and
+    max_num_seqs itself), up to ``max_tokens`` tokens."""
+    counts = {1, 2, 4, max_num_seqs, *range(8, min(max_num_seqs + 1, 256), 8),
+              *range(256, max_num_seqs + 1, 16)}
+    return sorted(n * query_len for n in counts
+                  if n <= max_num_seqs and n * query_len <= max_tokens)
+
+
+def widen_decode_graphs(vllm_config) -> list[int]:
+    """Add CUDA graph sizes so every uniform decode batch of up to max_num_seqs requests
+    has one; returns the sizes added. vLLM keeps its 512-token capture ceiling with
+    speculative decoding too, so with γ = 7 (8 tokens a request) a decode step of more
+    than 64 requests runs eagerly: on an H100 with SmolLM2-135M every full-γ engine fell
+    to 0.27–0.33× of no speculation at 128 requests (benchmarks/README.md), where plain
+    decoding (1 token a request) stays graphed."""
+    cc = vllm_config.compilation_config
+    q = vllm_config.uniform_decode_query_len
+    if not cc.cudagraph_capture_sizes or q <= 1:
+        return []  # no CUDA graphs (eager, CPU), or nothing wider than plain decoding
+    sched = vllm_config.scheduler_config
+    wider = [n for n in decode_batch_sizes(sched.max_num_seqs, q, sched.max_num_batched_tokens)
+             if n > cc.max_cudagraph_capture_size]
+    if wider:
+        cc.cudagraph_capture_sizes = sorted(set(cc.cudagraph_capture_sizes) | set(wider))
+        cc.max_cudagraph_capture_size = cc.cudagraph_capture_sizes[-1]
+    return wider
+
+
+@patch(runner="all", scope="dspark only")
+def capture_every_decode_batch() -> None:
+    """For dspark, when the user set no capture sizes (VLLM_DSPARK_DECODE_GRAPHS=all, the
+    default): after vLLM picks its CUDA graph sizes, add the uniform decode batches its
+    ceiling leaves out (``widen_decode_graphs``), so a step of many requests verifying
+    γ drafts each stays graphed."""
+    from vllm.config import VllmConfig
+
+    def make(original):
+        def patched(self):
+            cc = self.compilation_config
+            own = cc.cudagraph_capture_sizes is None and cc.max_cudagraph_capture_size is None
+            original(self)
+            if own and _is_dspark(self) and decode_graphs_mode() == "all":
+                wider = widen_decode_graphs(self)
+                if wider:
+                    from vllm.logger import init_logger
+
+                    init_logger(__name__).info(
+                        "vllm-dspark: CUDA graphs for decode batches of up to %d tokens "
+                        "(%d sizes added past vLLM's ceiling; %s=vllm keeps vLLM's sizes)",
+                        cc.max_cudagraph_capture_size, len(wider), DECODE_GRAPHS_ENV)
+        return patched
+
+    _wrap(VllmConfig, "_set_cudagraph_sizes", make)
 
 
 def _decode_steps_without_drafts(scheduler, scheduler_output) -> int:
