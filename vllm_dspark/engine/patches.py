@@ -50,7 +50,8 @@ def _in_order() -> list[Callable[[], None]]:
     return [register_draft_model, v1.allow_dspark_on_v1_runner, validate_draft_at_startup,
             v1.install_v1_proposer, v1.keep_the_last_prefix_block, copy_the_embedding_state,
             capture_every_decode_batch, v1.install_verification_scheduler,
-            count_unverified_decode_steps, v1.sample_plainly_without_drafts, v1.carry_drafts_in_the_output,
+            count_unverified_decode_steps, v1.sample_plainly_without_drafts,
+            v1.carry_drafts_in_the_output,
             v1.carry_round_stats_in_the_output, collect_dspark_step_stats,
             export_dspark_metrics, v1.fix_cpu_expand_kernel]
 
