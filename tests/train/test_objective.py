@@ -105,6 +105,31 @@ def test_loss_matches_dense_formula(head):
     assert d.confidence_head.proj.weight.grad.abs().sum() > 0
 
 
+def test_compiled_loss_equals_eager():
+    """``compiled=True`` (torch.compile of the vocabulary-wide terms, the trainer's default
+    on a GPU) gives the eager loss, gradients and logs, over two batches with different
+    valid-row counts (one dynamic graph)."""
+    gamma, v = 4, 50
+    for seed in (3, 4):
+        torch.manual_seed(seed)
+        hidden = torch.randn(2, 3, gamma, 32, dtype=torch.float64)
+        prev, labels = torch.randint(0, v, (2, 3, gamma)), torch.randint(0, v, (2, 3, gamma))
+        tlogits = torch.randn(2, 3, gamma, v, dtype=torch.float64) * 2
+        valid = torch.rand(2, 3, gamma) > 0.3 + 0.2 * (seed - 3)
+        runs = []
+        for compiled in (False, True):
+            d = _drafter(head="gated", gamma=gamma)
+            res = block_loss(d, hidden, prev, labels, tlogits, valid, compiled=compiled)
+            res.loss.backward()
+            runs.append((res, {n: p.grad for n, p in d.named_parameters() if p.grad is not None}))
+        (eager, g_eager), (comp, g_comp) = runs
+        torch.testing.assert_close(comp.loss, eager.loss, rtol=1e-6, atol=1e-7)
+        assert comp.top1 == eager.top1 and comp.parts.keys() == eager.parts.keys()
+        assert g_comp.keys() == g_eager.keys() and g_eager
+        for name in g_eager:
+            torch.testing.assert_close(g_comp[name], g_eager[name], rtol=1e-5, atol=1e-7)
+
+
 def test_loss_without_sequential_or_confidence_head():
     d = _drafter(rank=0, conf=False)
     hidden = torch.randn(1, 2, 4, 32, dtype=torch.float64, requires_grad=True)

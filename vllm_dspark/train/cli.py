@@ -78,6 +78,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "without it to continue")
     t.add_argument("--device", default=None,
                    help="torch device (default: cuda when available, else cpu)")
+    t.add_argument("--compile-loss", choices=["auto", "on", "off"], default="auto",
+                   help="torch.compile the loss's vocabulary-wide terms (auto: on a GPU)")
     t.add_argument("--generate-only", action="store_true", help="stop after writing the data")
     t.add_argument("--data-shards", type=int, default=1, metavar="N",
                    help="generate the data with N vLLM engines side by side (each its share "
@@ -215,6 +217,7 @@ def run(args: argparse.Namespace) -> int:
         save_every=args.save_every, log_every=args.log_every, max_minutes=args.max_minutes,
         pause_at=args.pause_at,
         device=args.device or ("cuda" if on_gpu else "cpu"),
+        compile_loss={"auto": None, "on": True, "off": False}[args.compile_loss],
     )
     finished = Trainer(cfg).train()
     print(f"{'finished' if finished else 'paused (rerun to resume)'}: {args.out}")

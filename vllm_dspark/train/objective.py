@@ -48,6 +48,31 @@ def position_weights(gamma: int, device=None) -> torch.Tensor:
     return torch.exp(-k / gamma)  # exp(-(k-1)/γ) for 1-based k
 
 
+def vocab_terms(logits: torch.Tensor, target_logits: torch.Tensor, labels: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The vocabulary-wide part of eq. 9-10 for [n, V] rows: (CE of the labels, L1
+    distance to the target's distribution, top-1 agreement with the target)."""
+    logp_d = F.log_softmax(logits, dim=-1)
+    logp_t = F.log_softmax(target_logits.float(), dim=-1)
+    ce = -logp_d.gather(-1, labels[:, None]).squeeze(-1)
+    tv = (logp_d.exp() - logp_t.exp()).abs().sum(-1)  # L1 = 2·TV
+    agree = logits.detach().argmax(-1) == target_logits.argmax(-1)
+    return ce, tv, agree
+
+
+_COMPILED: dict = {}
+
+
+def compiled_vocab_terms():
+    """``vocab_terms`` through torch.compile (dynamic row counts): one fused pass over
+    the [n, V] rows instead of a chain of full-size temporaries (on CPU, 512 × 49 k:
+    0.20 s against 0.67 s eager, forward + backward, after an 11 s compile). Built on
+    first use."""
+    if "terms" not in _COMPILED:
+        _COMPILED["terms"] = torch.compile(vocab_terms, dynamic=True)
+    return _COMPILED["terms"]
+
+
 def block_loss(
     drafter: DSparkDrafter,
     hidden: torch.Tensor,  # [B, A, γ, H] backbone states
@@ -56,8 +81,10 @@ def block_loss(
     target_logits: torch.Tensor,  # [B, A, γ, V] the target's logits predicting x*_k
     valid: torch.Tensor,  # [B, A, γ] bool
     weights: LossWeights | None = None,
+    compiled: bool = False,  # vocab_terms through torch.compile (same values)
 ) -> BlockLoss:
     weights = weights or LossWeights()
+    terms = compiled_vocab_terms() if compiled else vocab_terms
     gamma = hidden.shape[-2]
     w = position_weights(gamma, hidden.device)
     markov = drafter.markov_head
@@ -79,10 +106,7 @@ def block_loss(
             c_star_mean.append(float("nan"))
             conf_mean.append(float("nan"))
             continue
-        logp_d = F.log_softmax(logits[v], dim=-1)
-        logp_t = F.log_softmax(target_logits[..., k, :][v].float(), dim=-1)
-        ce = -logp_d.gather(-1, labels[..., k][v][:, None]).squeeze(-1)
-        tv = (logp_d.exp() - logp_t.exp()).abs().sum(-1)  # L1 = 2·TV
+        ce, tv, agree = terms(logits[v], target_logits[..., k, :][v], labels[..., k][v])
         c_star = (1.0 - 0.5 * tv).detach().clamp(0.0, 1.0)
         wk = float(w[k])
         totals["ce"] = totals["ce"] + wk * ce.sum()
@@ -97,7 +121,7 @@ def block_loss(
             conf_mean.append(float("nan"))
         wsum += wk * float(n)
         with torch.no_grad():
-            top1.append(float((logp_d.argmax(-1) == logp_t.argmax(-1)).float().mean()))
+            top1.append(float(agree.float().mean()))
             c_star_mean.append(float(c_star.mean()))
     wsum = max(wsum, 1e-6)
     loss = (weights.ce * totals["ce"] + weights.tv * totals["tv"]

@@ -81,6 +81,7 @@ class TrainConfig:
     val_fraction: float = 0.02
     max_val_rows: int = 512  # validation runs at every save: bounded for large data sets
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    compile_loss: bool | None = None  # torch.compile the vocabulary-wide terms; None: on CUDA
     loss_weights: LossWeights = field(default_factory=LossWeights)
 
 
@@ -238,8 +239,9 @@ class Trainer:
             rows_idx = torch.arange(b, device=dev)[:, None]
             tlogits = out.logits[rows_idx, flat - 1].view(b, a, gamma, -1)
         with autocast:
+            compiled = cfg.compile_loss if cfg.compile_loss is not None else dev.type == "cuda"
             return block_loss(self.drafter, hidden, prev, labels, tlogits,
-                              blocks.label_valid, cfg.loss_weights)
+                              blocks.label_valid, cfg.loss_weights, compiled=compiled)
 
     def _lr(self, step: int) -> float:
         """Linear warm-up, cosine to 10 %; after a warm restart, a linear ramp over
