@@ -64,7 +64,9 @@ if __name__ == "__main__":
     t0 = time.perf_counter(); llm = LLM(**kw); startup = time.perf_counter() - t0
     chats = [[{"role": "user", "content": p}] for p in job["prompts"]]
     llm.chat(chats[:2], SamplingParams(max_tokens=16), use_tqdm=False)  # warm-up
-    print(json.dumps({"startup_s": startup}), flush=True)
+    cc = llm.llm_engine.vllm_config.compilation_config  # the widest decode step graphed
+    print(json.dumps({"startup_s": startup, "max_graph_tokens": cc.max_cudagraph_capture_size}),
+          flush=True)
     for line in sys.stdin:  # one batch per line: {"c": C, "t": T}
         cmd = json.loads(line)
         c = cmd["c"]
@@ -178,7 +180,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         script = os.path.join(tmp, "engine.py")
         open(script, "w").write(ENGINE)
-        engines, startup, failed = {}, {}, {}
+        engines, startup, failed, graph_tokens = {}, {}, {}, {}
         try:
             for name in args.configs:  # started together, all kept alive
                 spec, env = config_job(name, args)
@@ -195,7 +197,9 @@ def main() -> None:
                 time.sleep(5)  # staggered: each start-up checks free GPU memory
             for name, proc in list(engines.items()):
                 try:
-                    startup[name] = _read_json_line(proc, name)["startup_s"]
+                    ready = _read_json_line(proc, name)
+                    startup[name] = ready["startup_s"]
+                    graph_tokens[name] = ready.get("max_graph_tokens")
                 except RuntimeError as e:
                     # One configuration that cannot start (its traceback is in this log)
                     # must not cost the others' measurements: it is left out and named.
@@ -233,7 +237,7 @@ def main() -> None:
                         rep += 1
                     print(f"T={t} C={c}: {rep} repeats", file=sys.stderr, flush=True)
                     # After every cell: a window cut short still brings back what it measured.
-                    write_results(raw, args, startup, failed, plot_it=True)
+                    write_results(raw, args, startup, failed, graph_tokens, plot_it=True)
         finally:
             for proc in engines.values():
                 try:
@@ -241,11 +245,11 @@ def main() -> None:
                     proc.wait(timeout=60)
                 except Exception:
                     proc.kill()
-    rows = write_results(raw, args, startup, failed, plot_it=True)
+    rows = write_results(raw, args, startup, failed, graph_tokens, plot_it=True)
     print_table(rows, [n for n in raw if raw[n]])
 
 
-def write_results(raw, args, startup, failed, plot_it: bool) -> list[dict]:
+def write_results(raw, args, startup, failed, graph_tokens, plot_it: bool) -> list[dict]:
     """Summarise the cells measured so far and write the JSON (and the PNG)."""
     import torch
 
@@ -256,7 +260,8 @@ def write_results(raw, args, startup, failed, plot_it: bool) -> list[dict]:
                machine=dict(platform=platform.platform(), cpus=os.cpu_count(),
                             device=torch.cuda.get_device_name(),
                             gpus=torch.cuda.device_count()),
-               versions=_versions(), startup_s=startup, failed_to_start=failed, rows=rows,
+               versions=_versions(), startup_s=startup, max_graph_tokens=graph_tokens,
+               failed_to_start=failed, rows=rows,
                raw=raw)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     json.dump(out, open(args.out + ".tmp", "w"), indent=1)
