@@ -64,9 +64,11 @@ if __name__ == "__main__":
     t0 = time.perf_counter(); llm = LLM(**kw); startup = time.perf_counter() - t0
     chats = [[{"role": "user", "content": p}] for p in job["prompts"]]
     llm.chat(chats[:2], SamplingParams(max_tokens=16), use_tqdm=False)  # warm-up
-    cc = llm.llm_engine.vllm_config.compilation_config  # the widest decode step graphed
-    print(json.dumps({"startup_s": startup, "max_graph_tokens": cc.max_cudagraph_capture_size}),
-          flush=True)
+    try:  # the widest step the target's CUDA graphs cover
+        graphed = llm.llm_engine.vllm_config.compilation_config.max_cudagraph_capture_size
+    except AttributeError:
+        graphed = None
+    print(json.dumps({"startup_s": startup, "max_graph_tokens": graphed}), flush=True)
     for line in sys.stdin:  # one batch per line: {"c": C, "t": T}
         cmd = json.loads(line)
         c = cmd["c"]
