@@ -91,12 +91,8 @@ def test_v2_greedy_equivalence_under_preemption(targets, drafter_factory):
     assert tokens(res["small"]) == tokens(res["plain"])
 
 
-def test_v2_smollm2_pair_greedy_equals_plain(smollm2_target):
-    """The real pair (committed drafter, confidence head, fitted temperatures) in float32,
-    8 chat prompts × 96 tokens at up to 4 requests a step, with upstream's speculator on
-    the same weights as a control. (At 16 requests a step this failed on an H200 in the
-    first token of a request; the sweep's bf16 runs showed upstream's outputs departing
-    from plain's there too, and matching at 1 and 4: batch-shape-dependent numerics.)"""
+def _smollm2_pair_prompts(target: str) -> tuple[str, list[list[int]]]:
+    """The committed drafter's directory and 8 MT-Bench chat prompts as token ids."""
     import os
 
     from transformers import AutoTokenizer
@@ -107,8 +103,17 @@ def test_v2_smollm2_pair_greedy_equals_plain(smollm2_target):
     draft = os.path.join(here, "..", "..", "models", "dspark-smollm2-135m")
     prompt_file = os.path.join(here, "..", "..", "vllm_dspark", "reference_prompts",
                                "mt-bench.jsonl")
-    tok = AutoTokenizer.from_pretrained(smollm2_target)
-    prompts = [chat_prompt_ids(tok, p) for p in read_prompts(prompt_file, limit=8)]
+    tok = AutoTokenizer.from_pretrained(target)
+    return draft, [chat_prompt_ids(tok, p) for p in read_prompts(prompt_file, limit=8)]
+
+
+def test_v2_smollm2_pair_greedy_equals_plain(smollm2_target):
+    """The real pair (committed drafter, confidence head, fitted temperatures) in float32,
+    8 chat prompts × 96 tokens at up to 4 requests a step, with upstream's speculator on
+    the same weights as a control. (At 16 requests a step this failed on an H200 in the
+    first token of a request; the sweep's bf16 runs showed upstream's outputs departing
+    from plain's there too, and matching at 1 and 4: batch-shape-dependent numerics.)"""
+    draft, prompts = _smollm2_pair_prompts(smollm2_target)
     batch = [{"prompts": prompts, "sampling": {"temperature": 0.0, "max_tokens": 96}}]
     plain = {"target": smollm2_target, "batches": batch, "max_num_seqs": 4,
              "llm_kwargs": {"max_model_len": 2048}}
@@ -129,18 +134,7 @@ def test_v2_smollm2_tree_greedy_equals_plain(smollm2_target):
     (ours, same settings) is the control. On a mismatch the message names, per prompt,
     the first differing position and plain's top-2 logprob margin there (a near-tie
     points at the tree attention's rounding, a wide margin at the tree step's logic)."""
-    import os
-
-    from transformers import AutoTokenizer
-
-    from vllm_dspark.prompts import chat_prompt_ids, read_prompts
-
-    here = os.path.dirname(os.path.abspath(__file__))
-    draft = os.path.join(here, "..", "..", "models", "dspark-smollm2-135m")
-    prompt_file = os.path.join(here, "..", "..", "vllm_dspark", "reference_prompts",
-                               "mt-bench.jsonl")
-    tok = AutoTokenizer.from_pretrained(smollm2_target)
-    prompts = [chat_prompt_ids(tok, p) for p in read_prompts(prompt_file, limit=8)]
+    draft, prompts = _smollm2_pair_prompts(smollm2_target)
     sampling = {"temperature": 0.0, "max_tokens": 96}
     plain = _on_v2({"target": smollm2_target, "max_num_seqs": 4,
                     "batches": [{"prompts": prompts, "sampling": dict(sampling, logprobs=2)}],
