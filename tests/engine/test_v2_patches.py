@@ -352,6 +352,30 @@ def test_vllms_scheduler_drafts_what_the_v2_gate_says(corrupted_oracle_pair, mon
         [0, 0, 0, 3] if k else [3, 0, 0, 0] for k in ks[:-1]]
 
 
+def test_tree_mode_keeps_the_drafters_full_graphs(monkeypatch):
+    """Tree mode gives the target PIECEWISE graphs; upstream's drafter would then draft
+    eagerly. Ours asks for FULL decode graphs of the draft step in tree mode, and leaves
+    every other mode as vLLM chose it."""
+    from vllm.config.compilation import CUDAGraphMode
+    from vllm.v1.worker.gpu.spec_decode.dspark.speculator import DSparkSpeculator
+
+    from vllm_dspark.decode.tree import TreeSpec
+    from vllm_dspark.engine.v2.speculator import DSparkV2Speculator
+
+    seen = []
+    monkeypatch.setattr(DSparkSpeculator, "init_cudagraph_manager",
+                        lambda self, mode: seen.append(mode))
+    sp = object.__new__(DSparkV2Speculator)
+    for tree in (TreeSpec(budget=4), None):
+        sp.tree_spec = tree
+        for mode in (CUDAGraphMode.PIECEWISE, CUDAGraphMode.FULL_AND_PIECEWISE,
+                     CUDAGraphMode.NONE):
+            sp.init_cudagraph_manager(mode)
+    P, F, N = CUDAGraphMode.PIECEWISE, CUDAGraphMode.FULL_AND_PIECEWISE, CUDAGraphMode.NONE
+    assert seen == [F, F, N, P, F, N]
+    assert seen[0].decode_mode() == CUDAGraphMode.FULL  # what upstream's drafter reads
+
+
 def test_a_step_without_drafts_stores_context_and_drafts_nothing(monkeypatch):
     """K = 0 (the gate skipped): upstream's preparation runs on its eager path, which
     stores the drafter's context K/V, and the draft itself (``_generate_draft``) does

@@ -78,6 +78,19 @@ class DSparkV2Speculator(DSparkSpeculator):
                 self.max_num_reqs, self.num_speculative_steps,
                 vllm_config.model_config.get_head_size(), device)
 
+    def init_cudagraph_manager(self, cudagraph_mode) -> None:
+        """Tree mode runs the target with PIECEWISE graphs only (its tree attention runs
+        eagerly between the pieces), and upstream's drafter captures FULL graphs or none:
+        under PIECEWISE it would draft eagerly, the tree build's ~600 small ops a step
+        (counted on CPU, R = 1, γ = 7) each launched from the host. The draft step's
+        graphs do not depend on the target's, so in tree mode the drafter keeps FULL
+        decode graphs (the tree build is graph-safe, ``decode.tree``)."""
+        from vllm.config.compilation import CUDAGraphMode
+
+        if self.tree_spec is not None and cudagraph_mode == CUDAGraphMode.PIECEWISE:
+            cudagraph_mode = CUDAGraphMode.FULL_AND_PIECEWISE
+        super().init_cudagraph_manager(cudagraph_mode)
+
     def load_draft_model(self, target_model, target_attn_layer_names):
         model = super().load_draft_model(target_model, target_attn_layer_names)
         # Confidences are computed when the draft has a head and something reads them:
