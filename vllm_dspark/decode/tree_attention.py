@@ -17,17 +17,19 @@ import torch
 def ancestor_mask(parents: torch.Tensor) -> torch.Tensor:
     """[R, N] parents (-1 = root; an earlier node otherwise) -> [R, N+1, N+1] bool,
     True where row may attend to column: itself, its ancestors and the root. Padding
-    nodes (parent -1) see the root and themselves. One step per tree level."""
+    nodes (parent -1) see the root and themselves. One step per level of the deepest
+    possible tree (N), fixed shapes and no host sync: the engine builds it every step,
+    and a CUDA graph can hold it."""
     r, n = parents.shape
     dev = parents.device
     mask = torch.eye(n + 1, dtype=torch.bool, device=dev).expand(r, -1, -1).clone()
     mask[:, :, 0] = True  # everyone sees the root
-    rows = torch.arange(r, device=dev)[:, None].expand(r, n)
-    cols = torch.arange(1, n + 1, device=dev).expand(r, n)
+    nodes = mask[:, 1:, :]  # node i's row is 1 + i (a view: written in place)
     up = parents.long()  # walk each node's ancestors, one level per step
-    while bool((up >= 0).any()):
+    for _ in range(n):
         hit = up >= 0
-        mask[rows[hit], cols[hit], up[hit] + 1] = True
+        # Column 1 + ancestor; a finished walk writes the root's column, already True.
+        nodes.scatter_(2, torch.where(hit, up + 1, 0)[..., None], True)
         up = torch.where(hit, parents.gather(1, up.clamp(min=0)), -1)
     return mask
 
