@@ -32,11 +32,15 @@ from vllm_dspark.kernels.tree_attention import tree_attention
 class TreeRows:
     rows: torch.Tensor  # [T'] the step's query rows of tree requests, request by request
     reqs: torch.Tensor  # [R'] their batch rows
-    query_start: torch.Tensor  # [R'+1] int32 into ``rows``
-    context_lens: torch.Tensor  # [R'] tokens before each root (its KV slot offset)
-    mask: torch.Tensor  # [R', N+1, N+1] bool: root, then the admitted nodes
+    query_start: torch.Tensor  # [R'+1] int64 into ``rows``
+    context_lens: torch.Tensor  # [R'] int64 tokens before each root (its KV slot offset)
+    mask: torch.Tensor  # [R', N+1, N+1] int8 (1 = visible): root, then the admitted nodes
     caches: list | None = None  # if a list: each layer's KV cache is appended to it
     checked: bool = False  # inputs checked at the step's first layer (the rest share them)
+    # The tree requests' block table rows, gathered at the first layer that reads this
+    # block table (every layer of a KV cache group shares it), and its source.
+    table: torch.Tensor | None = None
+    table_of: torch.Tensor | None = None
 
 
 def tree_rows(query_start_loc: torch.Tensor, cu_num_logits: torch.Tensor,
@@ -50,7 +54,7 @@ def tree_rows(query_start_loc: torch.Tensor, cu_num_logits: torch.Tensor,
     if reqs.numel() == 0:
         return None
     n = num_logits[reqs]
-    query_start = torch.zeros(reqs.numel() + 1, dtype=torch.int32, device=n.device)
+    query_start = torch.zeros(reqs.numel() + 1, dtype=torch.int64, device=n.device)
     query_start[1:] = n.cumsum(0)
     b, _, row = logits_rows(query_start_loc, cu_num_logits, int(cu_num_logits[-1]))
     rows = row[num_logits[b] > 1]  # request by request, in batch order
@@ -59,7 +63,9 @@ def tree_rows(query_start_loc: torch.Tensor, cu_num_logits: torch.Tensor,
     # Nodes past a request's admitted count are not in its query: they see nothing here.
     live = torch.arange(mask.shape[1], device=n.device)[None, :] < n[:, None]
     mask = mask & live[:, :, None] & live[:, None, :]
-    return TreeRows(rows, reqs, query_start, num_computed.long()[states], mask)
+    # In the dtypes the kernel reads, once a step rather than once a layer.
+    return TreeRows(rows, reqs, query_start, num_computed.long()[states].contiguous(),
+                    mask.to(torch.int8).contiguous())
 
 
 def tree_forward(impl, query: torch.Tensor, kv_cache: torch.Tensor, attn_metadata,
@@ -72,9 +78,11 @@ def tree_forward(impl, query: torch.Tensor, kv_cache: torch.Tensor, attn_metadat
     heads = query.shape[1]
     # Every layer of a step sees the same rows, lengths, mask and block table: checking
     # them once keeps one clear error without a host read-back in each of the 30 layers.
-    att = tree_attention(query[step.rows], k, v, attn_metadata.block_table[step.reqs],
-                         step.context_lens, step.query_start, step.mask, impl.scale,
-                         check=not step.checked)
+    if step.table_of is not attn_metadata.block_table:
+        step.table_of = attn_metadata.block_table
+        step.table = attn_metadata.block_table[step.reqs].contiguous()
+    att = tree_attention(query[step.rows], k, v, step.table, step.context_lens,
+                         step.query_start, step.mask, impl.scale, check=not step.checked)
     step.checked = True
     output.view(output.shape[0], heads, -1)[step.rows] = att.to(output.dtype)
 
