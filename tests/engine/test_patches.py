@@ -115,6 +115,9 @@ def test_every_decode_batch_gets_a_cuda_graph(monkeypatch):
                   _graph_config(cudagraph_capture_sizes=[8, 16, 64])):
         VllmConfig._set_cudagraph_sizes(other)  # not dspark, or sizes of the user's: vLLM's
         assert other.compilation_config.max_cudagraph_capture_size <= 512
+    many = _graph_config(max_num_seqs=1024)  # capped: at most 2048 tokens (256 requests)
+    VllmConfig._set_cudagraph_sizes(many)
+    assert many.compilation_config.max_cudagraph_capture_size == 2048
     monkeypatch.setenv(DECODE_GRAPHS_ENV, "vllm")
     kept = _graph_config()
     VllmConfig._set_cudagraph_sizes(kept)

@@ -195,6 +195,10 @@ def copy_the_embedding_state() -> None:
 
 DECODE_GRAPHS_ENV = "VLLM_DSPARK_DECODE_GRAPHS"
 DECODE_GRAPHS = ("all", "vllm")
+# The widest decode step given a graph: 4× vLLM's ceiling on Hopper (256 requests at
+# γ = 7). Each size costs a FULL and a PIECEWISE capture at start-up and their memory;
+# a server with max_num_seqs in the thousands would otherwise add hundreds of graphs.
+MAX_DECODE_GRAPH_TOKENS = 2048
 
 
 def decode_graphs_mode(environ=None) -> str:
@@ -221,17 +225,19 @@ def decode_batch_sizes(max_num_seqs: int, query_len: int, max_tokens: int) -> li
 
 def widen_decode_graphs(vllm_config) -> list[int]:
     """Add CUDA graph sizes so every uniform decode batch of up to max_num_seqs requests
-    has one; returns the sizes added. vLLM keeps its 512-token capture ceiling with
-    speculative decoding too, so with γ = 7 (8 tokens a request) a decode step of more
-    than 64 requests runs eagerly: on an H100 with SmolLM2-135M every full-γ engine fell
-    to 0.27–0.33× of no speculation at 128 requests (benchmarks/README.md), where plain
-    decoding (1 token a request) stays graphed."""
+    (and MAX_DECODE_GRAPH_TOKENS tokens) has one; returns the sizes added. vLLM keeps
+    its 512-token capture ceiling with speculative decoding too, so with γ = 7 (8 tokens
+    a request) a decode step of more than 64 requests runs eagerly: our reading of the
+    H100 sweep, where every full-γ engine fell to 0.27–0.33× of no speculation at 128
+    requests with SmolLM2-135M (benchmarks/README.md) while plain decoding (1 token a
+    request) stays graphed."""
     cc = vllm_config.compilation_config
     q = vllm_config.uniform_decode_query_len
     if not cc.cudagraph_capture_sizes or q <= 1:
         return []  # no CUDA graphs (eager, CPU), or nothing wider than plain decoding
     sched = vllm_config.scheduler_config
-    wider = [n for n in decode_batch_sizes(sched.max_num_seqs, q, sched.max_num_batched_tokens)
+    limit = min(sched.max_num_batched_tokens, MAX_DECODE_GRAPH_TOKENS)
+    wider = [n for n in decode_batch_sizes(sched.max_num_seqs, q, limit)
              if n > cc.max_cudagraph_capture_size]
     if wider:
         cc.cudagraph_capture_sizes = sorted(set(cc.cudagraph_capture_sizes) | set(wider))
