@@ -45,10 +45,12 @@ class TreeRows:
 
 def tree_rows(query_start_loc: torch.Tensor, cu_num_logits: torch.Tensor,
               idx_mapping: torch.Tensor, num_computed: torch.Tensor,
-              parents: torch.Tensor) -> TreeRows | None:
+              parents: torch.Tensor, total_logits: int | None = None) -> TreeRows | None:
     """The step's tree requests: those with drafts (more than one logits row), whose
     logits rows are their whole query [root, admitted nodes]. ``num_computed`` and
-    ``parents`` [max_reqs, N] by request state; the rest by batch row. None: no tree."""
+    ``parents`` [max_reqs, N] by request state; the rest by batch row. None: no tree.
+    ``total_logits``: the step's logits rows where the caller knows it on the host
+    (V2's ``cu_num_logits_np``), else read back from ``cu_num_logits``."""
     num_logits = (cu_num_logits[1:] - cu_num_logits[:-1]).long()
     reqs = (num_logits > 1).nonzero().flatten()
     if reqs.numel() == 0:
@@ -56,7 +58,9 @@ def tree_rows(query_start_loc: torch.Tensor, cu_num_logits: torch.Tensor,
     n = num_logits[reqs]
     query_start = torch.zeros(reqs.numel() + 1, dtype=torch.int64, device=n.device)
     query_start[1:] = n.cumsum(0)
-    b, _, row = logits_rows(query_start_loc, cu_num_logits, int(cu_num_logits[-1]))
+    if total_logits is None:
+        total_logits = int(cu_num_logits[-1])
+    b, _, row = logits_rows(query_start_loc, cu_num_logits, total_logits)
     rows = row[num_logits[b] > 1]  # request by request, in batch order
     states = idx_mapping.long()[reqs]
     mask = ancestor_mask(parents[states])

@@ -80,7 +80,7 @@ def begin(run: TreeRun, positions: torch.Tensor, query_start_loc: torch.Tensor,
           num_computed: torch.Tensor, block_table: torch.Tensor, total_logits: int) -> None:
     """Step 1 (module doc). ``num_computed`` by request state, not yet advanced."""
     step = tree_attention.tree_rows(query_start_loc, cu_num_logits, idx_mapping,
-                                    num_computed, run.parents)
+                                    num_computed, run.parents, total_logits)
     run.active = step is not None
     if not run.active:
         return

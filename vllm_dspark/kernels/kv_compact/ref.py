@@ -27,16 +27,20 @@ def check_inputs(k_cache, v_cache, block_table, context_lens, kept, num_kept):
                          "block_table of R rows")
     if r == 0:
         return
-    if int(num_kept.min()) < 0 or int(num_kept.max()) > kept.shape[1]:
-        raise ValueError("num_kept must lie in 0..N+1")
     live = torch.arange(kept.shape[1], device=kept.device)[None, :] < num_kept[:, None]
     steps = torch.arange(kept.shape[1], device=kept.device).expand_as(kept)
-    if bool((live & (kept < steps)).any()):
-        raise ValueError("kept rows must be in path order with kept[r, i] >= i (the root, "
-                         "then the accepted nodes' rows)")
     last = torch.where(live, kept, -1).amax(1).clamp(min=0)
     need = -(-(context_lens + last + 1) // k_cache.shape[1])
-    if int(need.max()) > block_table.shape[1]:
+    # One read-back for every value checked (each costs a host sync on a GPU).
+    lo, hi, unordered, widest = torch.stack([
+        num_kept.min().long(), num_kept.max().long(), (live & (kept < steps)).any().long(),
+        need.max().long()]).tolist()
+    if lo < 0 or hi > kept.shape[1]:
+        raise ValueError("num_kept must lie in 0..N+1")
+    if unordered:
+        raise ValueError("kept rows must be in path order with kept[r, i] >= i (the root, "
+                         "then the accepted nodes' rows)")
+    if widest > block_table.shape[1]:
         raise ValueError("block_table has too few columns for the tree's rows")
 
 
