@@ -69,6 +69,11 @@ def test_tree_rows_get_tree_attention_and_the_rest_stays_causal(monkeypatch):
         vals = torch.cat([ctx_v[b, :c], v[lo: lo + 1 + a]])
         want = dense_attention(q[lo: lo + 1 + a], keys, vals, allowed, impl.scale)
         torch.testing.assert_close(out[lo: lo + 1 + a], want, atol=1e-5, rtol=1e-5)
+        # Rows that see every row before them (the root, first-child paths) keep the
+        # causal kernel's output to the bit; the others are recomputed.
+        for i in range(1 + a):
+            kept = bool(anc[i, : i + 1].all())
+            assert torch.equal(out[lo + i], causal.view(t, H, D)[lo + i]) == kept, (b, i)
     # Node 3 of the first tree (parent node 0) saw nodes 1 and 2 under causal attention.
     assert not torch.allclose(out[4], causal.view(t, H, D)[4])
     assert ta.tree_rows(qsl, torch.arange(4).int(), idx, num_computed, parents) is None

@@ -4,9 +4,13 @@ vLLM 0.32's FlashAttention backend knows causal and bidirectional masks only. A 
 step keeps it for everything it does right — writing the step's K/V into the cache,
 and every row of a request without a tree (prefill chunks, requests without drafts) —
 and then recomputes the rows of tree requests with ``kernels.tree_attention`` (paged
-context + ancestor mask), writing over FlashAttention's causal output for those rows.
-A node then sees the cached context, the root, its ancestors and itself, never another
-branch; causal attention had let it see every earlier node.
+context + ancestor mask), writing over FlashAttention's causal output for the rows
+where it differs. A node then sees the cached context, the root, its ancestors and
+itself, never another branch; causal attention had let it see every earlier node. A
+row whose ancestors are all the rows before it (the root, a path of first children)
+keeps FlashAttention's output, bit for bit what the chain and plain decoding compute:
+the two kernels round differently, and in half precision a near-tie of the target's
+logits can flip on that rounding.
 
 ``TreeRows`` is what one step's tree requests need (built by ``tree_rows`` from V2's
 per-step buffers before the target's forward, and cleared after it, so the drafter's
@@ -35,6 +39,9 @@ class TreeRows:
     query_start: torch.Tensor  # [R'+1] int64 into ``rows``
     context_lens: torch.Tensor  # [R'] int64 tokens before each root (its KV slot offset)
     mask: torch.Tensor  # [R', N+1, N+1] int8 (1 = visible): root, then the admitted nodes
+    # [T'] rows whose ancestors are all the rows before them (the root, a first-child
+    # path): causal attention is already theirs, so FlashAttention's output stays there.
+    causal: torch.Tensor | None = None
     caches: list | None = None  # if a list: each layer's KV cache is appended to it
     checked: bool = False  # inputs checked at the step's first layer (the rest share them)
     # The tree requests' block table rows, gathered at the first layer that reads this
@@ -60,16 +67,24 @@ def tree_rows(query_start_loc: torch.Tensor, cu_num_logits: torch.Tensor,
     query_start[1:] = n.cumsum(0)
     if total_logits is None:
         total_logits = int(cu_num_logits[-1])
-    b, _, row = logits_rows(query_start_loc, cu_num_logits, total_logits)
-    rows = row[num_logits[b] > 1]  # request by request, in batch order
+    b, j, row = logits_rows(query_start_loc, cu_num_logits, total_logits)
+    tree = num_logits[b] > 1
+    rows = row[tree]  # request by request, in batch order
     states = idx_mapping.long()[reqs]
     mask = ancestor_mask(parents[states])
     # Nodes past a request's admitted count are not in its query: they see nothing here.
     live = torch.arange(mask.shape[1], device=n.device)[None, :] < n[:, None]
     mask = mask & live[:, :, None] & live[:, None, :]
+    # A row that sees every row up to itself is a causal row: FlashAttention computed it
+    # as the chain (and plain decoding) would, to the bit; only side branches differ.
+    m = mask.shape[1]
+    earlier = torch.ones(m, m, dtype=torch.bool, device=n.device).tril()
+    causal_rows = (mask | ~earlier).all(-1)  # [R', N+1]
+    tree_index = torch.cumsum(num_logits > 1, 0) - 1  # batch row -> index in reqs
+    causal = causal_rows[tree_index[b[tree]], j[tree]]
     # In the dtypes the kernel reads, once a step rather than once a layer.
     return TreeRows(rows, reqs, query_start, num_computed.long()[states].contiguous(),
-                    mask.to(torch.int8).contiguous())
+                    mask.to(torch.int8).contiguous(), causal=causal)
 
 
 def tree_forward(impl, query: torch.Tensor, kv_cache: torch.Tensor, attn_metadata,
@@ -88,7 +103,11 @@ def tree_forward(impl, query: torch.Tensor, kv_cache: torch.Tensor, attn_metadat
     att = tree_attention(query[step.rows], k, v, step.table, step.context_lens,
                          step.query_start, step.mask, impl.scale, check=not step.checked)
     step.checked = True
-    output.view(output.shape[0], heads, -1)[step.rows] = att.to(output.dtype)
+    out = output.view(output.shape[0], heads, -1)
+    att = att.to(output.dtype)
+    if step.causal is not None:  # FlashAttention's rows where they are the tree's
+        att = torch.where(step.causal[:, None, None], out[step.rows], att)
+    out[step.rows] = att
 
 
 _STEP: TreeRows | None = None  # this step's tree rows, around the target's forward only
