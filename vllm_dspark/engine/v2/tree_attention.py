@@ -68,8 +68,8 @@ def tree_rows(query_start_loc: torch.Tensor, cu_num_logits: torch.Tensor,
     if total_logits is None:
         total_logits = int(cu_num_logits[-1])
     b, j, row = logits_rows(query_start_loc, cu_num_logits, total_logits)
-    tree = num_logits[b] > 1
-    rows = row[tree]  # request by request, in batch order
+    sel = (num_logits[b] > 1).nonzero().flatten()  # tree requests' logits rows
+    rows = row[sel]  # request by request, in batch order
     states = idx_mapping.long()[reqs]
     mask = ancestor_mask(parents[states])
     # Nodes past a request's admitted count are not in its query: they see nothing here.
@@ -81,7 +81,7 @@ def tree_rows(query_start_loc: torch.Tensor, cu_num_logits: torch.Tensor,
     earlier = torch.ones(m, m, dtype=torch.bool, device=n.device).tril()
     causal_rows = (mask | ~earlier).all(-1)  # [R', N+1]
     tree_index = torch.cumsum(num_logits > 1, 0) - 1  # batch row -> index in reqs
-    causal = causal_rows[tree_index[b[tree]], j[tree]]
+    causal = causal_rows[tree_index[b[sel]], j[sel]]
     # In the dtypes the kernel reads, once a step rather than once a layer.
     return TreeRows(rows, reqs, query_start, num_computed.long()[states].contiguous(),
                     mask.to(torch.int8).contiguous(), causal=causal)
