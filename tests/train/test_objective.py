@@ -130,6 +130,28 @@ def test_compiled_loss_equals_eager():
             torch.testing.assert_close(g_comp[name], g_eager[name], rtol=1e-5, atol=1e-7)
 
 
+def test_a_failing_compile_falls_back_to_the_eager_loss(monkeypatch, capsys):
+    from vllm_dspark.train import objective
+
+    def broken(fn, **kw):
+        def run(*a):
+            raise RuntimeError("no compiler here")
+        return run
+
+    monkeypatch.setattr(objective, "_COMPILED", {})
+    monkeypatch.setattr(torch, "compile", broken)
+    d = _drafter(gamma=4)
+    hidden = torch.randn(1, 2, 4, 32, dtype=torch.float64)
+    ids = torch.randint(0, 50, (1, 2, 4))
+    tl = torch.randn(1, 2, 4, 50, dtype=torch.float64)
+    ok = torch.ones(1, 2, 4, dtype=torch.bool)
+    got = block_loss(d, hidden, ids, ids, tl, ok, compiled=True)
+    want = block_loss(d, hidden, ids, ids, tl, ok, compiled=False)
+    torch.testing.assert_close(got.loss, want.loss)
+    assert "torch.compile of the loss failed" in capsys.readouterr().err
+    assert objective._COMPILED["failed"]
+
+
 def test_loss_without_sequential_or_confidence_head():
     d = _drafter(rank=0, conf=False)
     hidden = torch.randn(1, 2, 4, 32, dtype=torch.float64, requires_grad=True)
