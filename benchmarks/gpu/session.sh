@@ -10,6 +10,7 @@
 #   bash benchmarks/gpu/session.sh tests-bg        # there: the GPU tests, log in /tmp/gpu/tests.log
 #   bash benchmarks/gpu/session.sh sweep-bg ARGS   # there: benchmarks/gpu_sweep.py
 #   bash benchmarks/gpu/session.sh chain-bg ARGS   # there: the GPU tests, the sweep (ARGS), the profile
+#   bash benchmarks/gpu/session.sh both-bg ARGS    # there: the GPU tests and the sweep side by side
 #   bash benchmarks/gpu/session.sh grab [s]        # there: wait on the chain, copy back its output
 #   bash benchmarks/gpu/session.sh profile         # there: one decode round's breakdown at c = 1
 #   bash benchmarks/gpu/session.sh wait NAME [s]   # there: poll a background job, copy its output
@@ -96,6 +97,14 @@ chain-bg)
       --configs '"${PROFILE_CONFIGS:-upstream ours ours-tree}"' > '$G'/profile.log 2>&1
   ' > $G/chain.log 2>&1 < /dev/null &
   echo $! > $G/chain.pid; echo $! > $G/sweep.pid ;;
+both-bg)
+  # A short window: the GPU tests (TEST_WORKERS files at a time, 2 by default) and the
+  # sweep (ARGS) side by side. The sweep's configurations still run interleaved, but the
+  # tests' engines beside them add noise: for large effects only (said with the result).
+  shift
+  TEST_WORKERS=${TEST_WORKERS:-2} bash $0 tests-bg
+  bash $0 sweep-bg "$@"
+  cp $G/sweep.pid $G/chain.pid ;;
 profile)
   python3 -m pip install -q --no-deps --no-build-isolation --upgrade --target /tmp/site . 2>&1 | grep -v WARNING
   python3 benchmarks/gpu_round_profile.py --target $G/smollm2 --draft models/dspark-smollm2-135m \
