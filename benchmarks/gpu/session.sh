@@ -66,6 +66,7 @@ tests-bg)
   # test_v2.py's greedy_runs, start once); for the GPU alone, not beside a training run
   # (each test starts its engines side by side: ~2 GB each).
   workers=(); [ "${TEST_WORKERS:-1}" -gt 1 ] && workers=(-n "$TEST_WORKERS" --dist loadfile)
+  [ -n "${TEST_K:-}" ] && workers+=(-k "$TEST_K")  # a subset, e.g. TEST_K="tree or gate"
   VLLM_DSPARK_FAILURE_DIR=$G/failures setsid nohup python3 -m pytest "${workers[@]}" \
     tests/engine/test_v2.py tests/kernels tests/schedule/test_triton_prefix.py tests/decode/test_tree.py \
     tests/engine/test_v2_tree_step.py tests/engine/test_v2_tree_attention.py \
