@@ -44,6 +44,14 @@
 # instead of training `big` from scratch:
 #   TESTS_ALONE=1 WARM_FROM=models/dspark-smollm2-135m PROFILE_CONFIGS=ours-tree SCALE=0 \
 #     KERNELS=0 PROBE_SPS=3.3 EVAL_S=240 DEADLINE=... window.sh start
+# The next window, planned on 2026-12-07 (every step of issues 15-17 still owed, in one
+# call after install; `poll S tests`, `poll S sweep`, `poll S profile`, `poll 1 big`,
+# `poll S eval` bring each back as it lands):
+#   TESTS_ALONE=1 PROFILE_CONFIGS=ours-tree KERNELS=0 SCALE=0 \
+#     SWEEP_ARGS="--configs plain upstream ours ours-vllm-graphs ours-gate --concurrency 32 64 128 \
+#       --temperatures 0 1 --repeats 2 --min-seconds 2 --kv-gib 2.5" \
+#     WARM_FROM=models/dspark-smollm2-135m PROBE_SPS=3.3 EVAL_S=240 DEADLINE=... window.sh start
+# (the profile runs first: move it after the sweep by running it alone if time is short)
 # Next window for issue 15 (the sweep needs the GPU alone, so not beside a training): the
 # GPU tests first (they now include the V2 draft gate: test_v2.py -k gate, chi-square
 # "gate"), then `session.sh sweep-bg` (default configs: plain upstream upstream-adaptive
@@ -69,6 +77,14 @@ start)
       echo tests-done
     else
       bash benchmarks/gpu/session.sh tests-bg
+    fi
+    # SWEEP_ARGS: a gpu_sweep.py run on the GPU alone after the tests (timings), e.g.
+    #   SWEEP_ARGS="--configs plain upstream ours ours-vllm-graphs --concurrency 32 64 128"
+    if [ -n "${SWEEP_ARGS:-}" ]; then
+      bash benchmarks/gpu/session.sh sweep-bg $SWEEP_ARGS
+      while kill -0 $(cat '$G'/sweep.pid) 2>/dev/null; do sleep 5; done
+      cp '$G'/gpu_sweep_h200.* '$G'/sweep.log $OUT_KEEP/ 2>/dev/null
+      echo sweep-done
     fi
     [ -f /tmp/pair/data60k/data.meta.json ] || bash benchmarks/smollm2/gpu.sh data-in
     # The data is complete in the repository (data-bg then finds nothing to write); 3
@@ -135,6 +151,7 @@ poll)
         data) kill -0 "$(cat /tmp/pair/data.pid 2>/dev/null)" 2>/dev/null && ready=0 ;;
         big) { [ -f /tmp/pair/big.pid ] && ! kill -0 "$(cat /tmp/pair/big.pid)" 2>/dev/null; } || ready=0 ;;
         eval) grep -q eval-done $L/window.log || ready=0 ;;
+        sweep) grep -q sweep-done $L/window.log || ready=0 ;;
       esac
     done
     [ $ready = 1 ] && break
@@ -152,6 +169,7 @@ poll)
       trainings) cp $OUT_KEEP/training_*.json $OUT/ 2>/dev/null; ls $OUT_KEEP ;;
       scale) for d in 4 16; do tail -n 2 /tmp/pair/SEQ$d.log | tr '\r' '\n' | tail -n 2; done ;;
       kernels) cp $OUT_KEEP/tree_kernels_*.json $L/kernels.log $OUT/ 2>/dev/null; tail -n 5 $L/kernels.log ;;
+      sweep) cp $OUT_KEEP/gpu_sweep_h200.* $OUT_KEEP/sweep.log $OUT/ 2>/dev/null; tail -n 12 $OUT_KEEP/sweep.log ;;
     esac
   done
   nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader ;;
