@@ -41,7 +41,7 @@ class TreeRows:
     mask: torch.Tensor  # [R', N+1, N+1] int8 (1 = visible): root, then the admitted nodes
     # [T'] rows whose ancestors are all the rows before them (the root, a first-child
     # path): causal attention is already theirs, so FlashAttention's output stays there.
-    causal: torch.Tensor | None = None
+    causal: torch.Tensor
     caches: list | None = None  # if a list: each layer's KV cache is appended to it
     checked: bool = False  # inputs checked at the step's first layer (the rest share them)
     # The tree requests' block table rows, gathered at the first layer that reads this
@@ -84,7 +84,7 @@ def tree_rows(query_start_loc: torch.Tensor, cu_num_logits: torch.Tensor,
     causal = causal_rows[tree_index[b[sel]], j[sel]]
     # In the dtypes the kernel reads, once a step rather than once a layer.
     return TreeRows(rows, reqs, query_start, num_computed.long()[states].contiguous(),
-                    mask.to(torch.int8).contiguous(), causal=causal)
+                    mask.to(torch.int8).contiguous(), causal)
 
 
 def tree_forward(impl, query: torch.Tensor, kv_cache: torch.Tensor, attn_metadata,
@@ -104,10 +104,9 @@ def tree_forward(impl, query: torch.Tensor, kv_cache: torch.Tensor, attn_metadat
                          step.query_start, step.mask, impl.scale, check=not step.checked)
     step.checked = True
     out = output.view(output.shape[0], heads, -1)
-    att = att.to(output.dtype)
-    if step.causal is not None:  # FlashAttention's rows where they are the tree's
-        att = torch.where(step.causal[:, None, None], out[step.rows], att)
-    out[step.rows] = att
+    # FlashAttention's rows where they are the tree's, the tree kernel's elsewhere.
+    out[step.rows] = torch.where(step.causal[:, None, None], out[step.rows],
+                                 att.to(output.dtype))
 
 
 _STEP: TreeRows | None = None  # this step's tree rows, around the target's forward only
