@@ -28,16 +28,14 @@ def check_inputs(q, k_cache, v_cache, block_table, context_lens, query_start, tr
             or tree_mask.shape[0] != r or tree_mask.shape[1] != tree_mask.shape[2]:
         raise ValueError("need context_lens [R], query_start [R+1] and tree_mask [R, M, M] "
                          "for a block_table of R rows")
-    if r == 0:
-        if int(query_start[-1]) != q.shape[0]:
-            raise ValueError(f"query_start ends at {int(query_start[-1])}, q has "
-                             f"{q.shape[0]} rows")
-        return
-    counts = (query_start[1:] - query_start[:-1]).long()
-    need = -(-(context_lens.long() + counts) // k_cache.shape[1])
-    # One read-back for every value checked (each costs a host sync on a GPU).
-    lo, hi, end, widest = torch.stack([counts.min(), counts.max(), query_start[-1].long(),
-                                       need.max()]).tolist()
+    if r:
+        counts = (query_start[1:] - query_start[:-1]).long()
+        need = -(-(context_lens.long() + counts) // k_cache.shape[1])
+        # One read-back for every value checked (each costs a host sync on a GPU).
+        lo, hi, end, widest = torch.stack([counts.min(), counts.max(),
+                                           query_start[-1].long(), need.max()]).tolist()
+    else:  # no request: only the end of query_start to check
+        lo, hi, end, widest = 1, 1, int(query_start[-1]), 0
     if lo < 1 or hi > tree_mask.shape[1]:
         raise ValueError("every request needs 1..M query rows (root + nodes) for a "
                          "tree_mask of M rows")
