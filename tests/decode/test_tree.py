@@ -205,9 +205,13 @@ def test_bad_spec():
 def test_graph_safe_tree_replays_in_a_cuda_graph(head_type):
     """Captured once in a CUDA graph, the graph-safe build drafts, for new inputs copied
     into the captured buffers, the tree the eager build drafts."""
-    m = small_drafter(head_type, with_markov=True).float().cuda()
+    m = small_drafter(head_type, with_markov=True)
     spec = TreeSpec(budget=5)
-    base, hidden, anchors = (x.cuda() for x in block_inputs(m, 4, 5, seed=4))
+    # Both blocks' inputs from the float64 model on the CPU (block_inputs draws there),
+    # then the model and inputs in float32 on the GPU.
+    first, second = (tuple(x.cuda() for x in block_inputs(m, 4, 5, seed=s)) for s in (4, 5))
+    m = m.float().cuda()
+    base, hidden, anchors = first
     base, hidden = base.float(), hidden.float()
     temp = torch.tensor([0.0, 1.0, 0.7, 0.0], device="cuda")
     static = [base.clone(), hidden.clone(), anchors.clone(), temp.clone()]
@@ -220,7 +224,7 @@ def test_graph_safe_tree_replays_in_a_cuda_graph(head_type):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = run()
-    b2, h2, a2 = (x.cuda() for x in block_inputs(m, 4, 5, seed=5))
+    b2, h2, a2 = second
     for buf, new in zip(static, (b2.float(), h2.float(), a2, temp.flip(0))):
         buf.copy_(new)
     graph.replay()

@@ -45,6 +45,9 @@ GATE_CASES = [("qwen3", "gated", "fixed"), ("llama", "rnn", "causal")]
 # (the tree rows are recomputed over its cache), which needs half precision, and runs
 # without FULL CUDA graphs for now (engine/v2/patches.py configure_tree).
 TREE = {"VLLM_DSPARK_TREE": "on"}
+# Two float16 ulps of a logit in [16, 32) (SmolLM2's top logits): a top-2 margin this
+# small is a near-tie that another attention kernel's rounding may flip.
+TIE_NATS = 2.0 ** -5
 TREE_LLM = {"dtype": "float16", "attention_backend": "FLASH_ATTN",
             "compilation_config": {"cudagraph_mode": "PIECEWISE"}}
 
@@ -127,13 +130,21 @@ def test_v2_smollm2_pair_greedy_equals_plain(smollm2_target):
     assert accepted > 0.05 * drafted, (accepted, drafted)
 
 
-def test_v2_smollm2_tree_greedy_equals_plain(smollm2_target):
+def test_v2_smollm2_tree_greedy_equals_plain_up_to_near_ties(smollm2_target):
     """The real pair with draft trees (issue 17), in float16 on FlashAttention with
     PIECEWISE graphs (what tree mode needs), 8 chat prompts × 96 tokens at up to 4
     requests a step: tree output equals plain's under the same settings. The chain
-    (ours, same settings) is the control. On a mismatch the message names, per prompt,
-    the first differing position and plain's top-2 logprob margin there (a near-tie
-    points at the tree attention's rounding, a wide margin at the tree step's logic)."""
+    (ours, same settings) is the control.
+
+    Side-branch rows are attended by the tree kernel, not FlashAttention, so their
+    logits round differently: where plain's own top-2 logits are tied or one float16
+    ulp apart, either may win. Seen on an H100 (benchmarks/results/gpu_tests_v2_h100_
+    2026-12-07b.log): 5 of 8 prompts identical over 96 tokens, 3 leaving plain where its
+    top-2 margin was 0.0, 0.0 and 2^-6. So each prompt must equal plain's output up to
+    its first difference, and that difference must sit at such a near-tie (margin ≤
+    ``TIE_NATS``); a logic error of the tree step gives wrong tokens at wide margins.
+    After a flip the two outputs continue from different text, so only the first
+    difference of a prompt is judged; the tiny models' tree tests require identity."""
     draft, prompts = _smollm2_pair_prompts(smollm2_target)
     sampling = {"temperature": 0.0, "max_tokens": 96}
     plain = _on_v2({"target": smollm2_target, "max_num_seqs": 4,
@@ -145,7 +156,9 @@ def test_v2_smollm2_tree_greedy_equals_plain(smollm2_target):
     tree["env"].update(TREE)
     res = _run_all({"plain": plain, "chain": chain, "tree": tree})
     where = {k: divergences(res[k], res["plain"]) for k in ("chain", "tree")}
-    assert not where["tree"], f"(prompt, position, plain's top-2 margin): {where}"
+    wide = {k: [d for d in v if d[2] is None or d[2] > TIE_NATS] for k, v in where.items()}
+    assert not wide["tree"] and not wide["chain"], (
+        f"(prompt, position, plain's top-2 margin) beyond a near-tie: {wide}; all: {where}")
     drafted, accepted, _ = acceptance(res["tree"])
     assert accepted > 0.05 * drafted, (accepted, drafted)
 
