@@ -10,10 +10,15 @@ Every configuration is one engine in its own process, all alive at once on one G
 - ``plain``: no speculation;
 - ``upstream``: vLLM's own DSpark speculator (the plugin disabled: ``VLLM_PLUGINS``);
 - ``upstream-adaptive``: the same with vLLM's adaptive verification;
-- ``ours-fixed``: the plugin's V2 speculator verifying all γ (``VLLM_DSPARK_SCHEDULER=fixed``);
-- ``ours``: the plugin's defaults (on the V2 runner: full-γ verification, see
-  engine/v2/patches.py); ``ours-gate``: the draft gate in vLLM's scheduler
-  (``VLLM_DSPARK_DRAFT_COST=measure``, opt-in on V2); ``ours-budget``: the device-side
+- ``ours-fixed``: the plugin's V2 speculator drafting every step and verifying all γ
+  (``VLLM_DSPARK_SCHEDULER=fixed``, ``VLLM_DSPARK_DRAFT_COST=0``);
+- ``ours``: the plugin's defaults (on the V2 runner: full-γ verification and, with a
+  confidence head, the draft gate in vLLM's scheduler, see engine/v2/patches.py);
+  ``ours-nogate``: the defaults without the gate (``VLLM_DSPARK_DRAFT_COST=0``: every
+  step drafts, the default before 2026-12-07); ``ours-gate``: the gate asked for
+  explicitly (``VLLM_DSPARK_DRAFT_COST=measure``, as ``ours`` with a confidence head);
+  ``ours-vllm-graphs``: ``ours-nogate`` with vLLM's own CUDA graph sizes (its 512-token
+  ceiling, ``VLLM_DSPARK_DECODE_GRAPHS=vllm``); ``ours-budget``: the device-side
   verification budget with Algorithm 1's stop (``VLLM_DSPARK_SCHEDULER=causal``);
   ``ours-async``: with §5.2's rule; ``ours-tree``: draft trees of γ nodes
   (``VLLM_DSPARK_TREE=on``, experimental), which need PIECEWISE target graphs and
@@ -88,8 +93,8 @@ if __name__ == "__main__":
     os._exit(0)  # vLLM may hang in shutdown after the work is done
 '''
 
-CONFIGS = ("plain", "upstream", "upstream-adaptive", "ours-fixed", "ours", "ours-gate",
-           "ours-budget", "ours-async", "ours-tree", "ours-vllm-graphs")
+CONFIGS = ("plain", "upstream", "upstream-adaptive", "ours-fixed", "ours", "ours-nogate",
+           "ours-gate", "ours-budget", "ours-async", "ours-tree", "ours-vllm-graphs")
 # Engine arguments beyond the shared ones, by configuration.
 LLM_KWARGS = {"ours-tree": {"attention_backend": "FLASH_ATTN",
                             "compilation_config": {"cudagraph_mode": "PIECEWISE"}}}
@@ -100,19 +105,22 @@ def config_job(name: str, args) -> tuple[dict | None, dict]:
     spec = {"method": "dspark", "model": args.draft, "num_speculative_tokens": args.gamma,
             "draft_sample_method": "probabilistic"}
     off = {"VLLM_PLUGINS": "vllm-dspark-disabled"}  # an allowlist naming no plugin
+    always = {"VLLM_DSPARK_DRAFT_COST": "0"}  # every step drafts: no draft gate
     return {
         "plain": (None, off),
         "upstream": (spec, off),
         "upstream-adaptive": (dict(spec, enable_adaptive_verification=True), off),
-        "ours-fixed": (spec, {"VLLM_DSPARK_SCHEDULER": "fixed"}),
+        "ours-fixed": (spec, {"VLLM_DSPARK_SCHEDULER": "fixed", **always}),
         "ours": (spec, {}),
+        "ours-nogate": (spec, always),
         "ours-gate": (spec, {"VLLM_DSPARK_DRAFT_COST": "measure"}),
         "ours-budget": (spec, {"VLLM_DSPARK_SCHEDULER": "causal"}),
         "ours-async": (spec, {"VLLM_DSPARK_SCHEDULER": "async"}),
         "ours-tree": (spec, {"VLLM_DSPARK_TREE": "on"}),
         # vLLM's own CUDA graph sizes (its 512-token ceiling), as before the plugin
-        # captured every decode batch (engine/patches.py capture_every_decode_batch).
-        "ours-vllm-graphs": (spec, {"VLLM_DSPARK_DECODE_GRAPHS": "vllm"}),
+        # captured every decode batch (engine/patches.py capture_every_decode_batch);
+        # against ours-nogate, both drafting every step (the gate would dodge the ceiling).
+        "ours-vllm-graphs": (spec, {"VLLM_DSPARK_DECODE_GRAPHS": "vllm", **always}),
     }[name]
 
 

@@ -48,7 +48,7 @@
 # call after install; `poll S tests`, `poll S sweep`, `poll S profile`, `poll 1 big`,
 # `poll S eval` bring each back as it lands):
 #   TESTS_ALONE=1 PROFILE_CONFIGS=ours-tree KERNELS=0 SCALE=0 \
-#     SWEEP_ARGS="--configs plain upstream ours ours-vllm-graphs ours-gate --concurrency 32 64 128 \
+#     SWEEP_ARGS="--configs plain upstream ours ours-nogate ours-vllm-graphs --concurrency 32 64 128 \
 #       --temperatures 0 1 --repeats 2 --min-seconds 2 --kv-gib 2.5" \
 #     WARM_FROM=models/dspark-smollm2-135m PROBE_SPS=3.3 EVAL_S=240 DEADLINE=... window.sh start
 # (the profile runs first: move it after the sweep by running it alone if time is short)

@@ -37,8 +37,9 @@ V2 = {"VLLM_USE_V2_MODEL_RUNNER": "1"}
 # beside a 48 GB training run, benchmarks/results/gpu_tests_v2_h200_2026-12-04.log).
 GPU = {"enforce_eager": False, "gpu_memory_utilization": 0.12,
        "kv_cache_memory_bytes": 1 << 30}
-# The draft gate in vLLM's scheduler (schedule/scheduler_gate.py), opt-in on V2: while it
-# measures, it alternates drafted and skipped steps, so both kinds occur in every run.
+# The draft gate in vLLM's scheduler (schedule/scheduler_gate.py; on by default with a
+# confidence head, asked for here whatever the mode): while it measures, it alternates
+# drafted and skipped steps, so both kinds occur in every run.
 GATE = {"VLLM_DSPARK_DRAFT_COST": "measure"}
 GATE_CASES = [("qwen3", "gated", "fixed"), ("llama", "rnn", "causal")]
 # Tree mode (VLLM_DSPARK_TREE=on, issue 17): the target attends through FlashAttention
@@ -56,7 +57,9 @@ CASES = [("qwen3", "vanilla", "fixed"), ("qwen3", "gated", "causal"), ("qwen3", 
 
 
 def _on_v2(job: dict, mode: str | None = None) -> dict:
-    job = dict(job, env=dict(job.get("env") or {}, **V2))
+    # Every step drafts (no gate, VLLM_DSPARK_DRAFT_COST=0) unless a test asks for the
+    # gate (GATE): the head × mode cases check the chain's drafts and verification.
+    job = dict(job, env={"VLLM_DSPARK_DRAFT_COST": "0", **(job.get("env") or {}), **V2})
     if mode is not None:
         job["env"]["VLLM_DSPARK_SCHEDULER"] = mode
     job["llm_kwargs"] = dict(job.get("llm_kwargs") or {}, **GPU)

@@ -143,26 +143,30 @@ def test_the_budget_manager_keeps_vllms_bookkeeping(seed):
     assert budget <= ours.last_budget[0]
 
 
-@pytest.mark.parametrize("adaptive,env,gate,says", [
-    (False, None, False, "scheduler fixed (verify all γ), draft gate off"),
-    (True, "causal", False, "device-side budget, rule causal"),
-    (True, "async", False, "device-side budget, rule global"),
-    (True, None, False, "vLLM's adaptive verification (its own rule)"),
-    (False, None, True, "scheduler fixed (verify all γ), draft gate on"),
+@pytest.mark.parametrize("adaptive,env,cost,says", [
+    (False, None, "0", "scheduler fixed (verify all γ), draft gate off"),
+    (True, "causal", "0", "device-side budget, rule causal"),
+    (True, "async", "0", "device-side budget, rule global"),
+    (True, None, "0", "vLLM's adaptive verification (its own rule)"),
+    (False, None, None, "scheduler fixed (verify all γ), draft gate on"),  # the default
+    (False, None, "measure", "scheduler fixed (verify all γ), draft gate on"),
+    (False, "fixed", None, "scheduler fixed (verify all γ), draft gate off"),
 ])
-def test_the_v2_start_up_line_says_what_runs(drafter_factory, monkeypatch, adaptive, env, gate,
+def test_the_v2_start_up_line_says_what_runs(drafter_factory, monkeypatch, adaptive, env, cost,
                                              says):
     from vllm_dspark.config import DSparkConfig
+    from vllm_dspark.engine.v2.patches import configure_gate
     from vllm_dspark.engine.v2.speculator import DSparkV2Speculator
 
     _set_env(monkeypatch, "VLLM_DSPARK_SCHEDULER", env)
+    _set_env(monkeypatch, "VLLM_DSPARK_DRAFT_COST", cost)
     draft = drafter_factory("qwen3", "gated")
-    spec = _config(draft).speculative_config
+    cfg = _gate_config(draft)
+    spec = cfg.speculative_config
     spec.enable_adaptive_verification, spec.draft_sample_method = adaptive, "probabilistic"
-    _set_env(monkeypatch, "VLLM_DSPARK_DRAFT_COST", "measure" if gate else None)
-    spec.num_speculative_tokens_per_batch_size = [(1, 1, 4), (2, 8, 0)] if gate else None
+    configure_gate(cfg)  # as at start-up: the gate's draft-count schedule, where it runs
     stand_in = SimpleNamespace(speculative_config=spec, dspark=DSparkConfig.from_dir(draft),
-                               num_speculative_steps=4)
+                               num_speculative_steps=4, vllm_config=cfg)
     line = DSparkV2Speculator._describe_choice(stand_in)
     assert line.startswith("vllm-dspark: runner V2, γ=4, gated Markov head") and says in line
 
@@ -242,19 +246,53 @@ def _gate_config(draft_dir, max_num_seqs=8, schedule=None, v2=True):
     return cfg
 
 
-@pytest.mark.parametrize("env,v2,want", [
-    ("measure", True, [(1, 1, 4), (2, 8, 0)]),
-    (None, True, None),  # unset: V2 drafts every step (the gate is opt-in there)
-    ("0", True, None),  # a fixed drafting time never gates
-    ("measure", False, None),  # V1: the worker's gate (engine/v1)
+TIERS = [(1, 1, 4), (2, 8, 0)]
+
+
+@pytest.mark.parametrize("env,v2,other,want", [
+    ("measure", True, {}, TIERS),
+    (None, True, {}, TIERS),  # unset, with a confidence head: on (the default, as on V1)
+    (None, True, {"confidence": False}, None),  # no confidence head: off, as on V1
+    (None, True, {"VLLM_DSPARK_SCHEDULER": "fixed"}, None),  # fixed γ: off, as on V1
+    ("measure", True, {"VLLM_DSPARK_SCHEDULER": "fixed"}, TIERS),  # asked: on
+    (None, True, {"VLLM_DSPARK_TREE": "on"}, None),  # draft trees: off
+    ("0", True, {}, None),  # a fixed drafting time never gates
+    ("measure", False, {}, None),  # V1: the worker's gate (engine/v1)
 ])
-def test_the_v2_gate_names_both_draft_counts(drafter_factory, monkeypatch, env, v2, want):
-    from vllm_dspark.engine.v2.patches import configure_gate
+def test_the_v2_gate_names_both_draft_counts(drafter_factory, monkeypatch, env, v2, other,
+                                             want):
+    from vllm_dspark.engine.v2.patches import configure_gate, gate_in_effect
 
     _set_env(monkeypatch, "VLLM_DSPARK_DRAFT_COST", env)
-    cfg = _gate_config(drafter_factory("qwen3", "vanilla"), v2=v2)
+    for name in ("VLLM_DSPARK_SCHEDULER", "VLLM_DSPARK_TREE"):
+        _set_env(monkeypatch, name, other.get(name))
+    draft = drafter_factory("qwen3", "vanilla", **({"confidence": False}
+                                                   if other.get("confidence") is False else {}))
+    cfg = _gate_config(draft, v2=v2)
     configure_gate(cfg)
     assert cfg.speculative_config.num_speculative_tokens_per_batch_size == want
+    assert gate_in_effect(cfg) is (want is not None)
+
+
+def test_a_users_draft_count_schedule_wins_over_the_default_gate(drafter_factory,
+                                                                 monkeypatch):
+    from vllm_dspark.engine.v2.patches import configure_gate, gate_in_effect
+
+    monkeypatch.delenv("VLLM_DSPARK_DRAFT_COST", raising=False)
+    cfg = _gate_config(drafter_factory("qwen3", "vanilla"), schedule=[(1, 8, 2)])
+    configure_gate(cfg)
+    assert cfg.speculative_config.num_speculative_tokens_per_batch_size == [(1, 8, 2)]
+    assert not gate_in_effect(cfg)
+
+
+def test_a_bad_draft_cost_is_one_error_on_v2(drafter_factory, monkeypatch):
+    from vllm_dspark.config import DSparkConfigError
+    from vllm_dspark.engine.v2.patches import configure_gate
+
+    monkeypatch.setenv("VLLM_DSPARK_DRAFT_COST", "fast")
+    cfg = _gate_config(drafter_factory("qwen3", "vanilla"))
+    with pytest.raises(DSparkConfigError, match="VLLM_DSPARK_DRAFT_COST='fast'.*measure"):
+        configure_gate(cfg)
 
 
 def test_the_v2_gate_refuses_a_users_draft_count_schedule(drafter_factory, monkeypatch):

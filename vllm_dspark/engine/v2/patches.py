@@ -131,24 +131,60 @@ def point_v2_at_ours(vllm_config) -> None:
     _wrap(model_runner, "maybe_create_adaptive_verification_manager", make)
 
 
-def _gate_requested() -> bool:
-    """The V2 draft gate is opt-in while it has not been measured on a GPU:
-    ``VLLM_DSPARK_DRAFT_COST=measure`` set explicitly (unset, the V2 runner drafts every
-    step, as upstream; on V1 unset means measure)."""
+def gate_choice(spec) -> str | None:
+    """Whether the V2 draft gate runs for this dspark config: ``"asked"``
+    (``VLLM_DSPARK_DRAFT_COST=measure`` set explicitly: a clash with it is an error),
+    ``"default"`` (unset, and the draft has a confidence head, as the V1 default), or
+    None (off: a number, e.g. ``0``, always drafts; unset with no confidence head, with
+    ``VLLM_DSPARK_SCHEDULER=fixed`` or with draft trees, as on V1, where the gate belongs
+    to the scheduler's causal/async modes). A bad value is one start-up error.
+
+    Default on since its GPU tests passed (H100, 2026-12-07: greedy equal to plain with
+    the reference drafts, chi-square at T = 1); swept on an H100, 1.09× the always-
+    drafting default in geometric mean over 13 cells (benchmarks/README.md)."""
     import os
 
-    from vllm_dspark.schedule.verification import DRAFT_COST_ENV
+    from vllm_dspark.schedule.verification import DRAFT_COST_ENV, SCHEDULER_ENV, _draft_cost
 
-    return os.environ.get(DRAFT_COST_ENV, "").strip().lower() == "measure"
+    raw = os.environ.get(DRAFT_COST_ENV, "").strip().lower()
+    if raw == "measure":
+        return "asked"
+    if raw:
+        _draft_cost(os.environ)  # a bad value: one error naming it and the fix
+        return None
+    cfg = DSparkConfig.from_dict(spec.draft_model_config.hf_config.to_dict())
+    if tree_mode() or not cfg.enable_confidence_head:
+        return None
+    if os.environ.get(SCHEDULER_ENV, "").strip().lower() == "fixed":
+        return None
+    return "default"
+
+
+def _gate_tiers(vllm_config) -> list[tuple[int, int, int]]:
+    from vllm_dspark.schedule.scheduler_gate import draft_count_tiers
+
+    return draft_count_tiers(vllm_config.speculative_config.num_speculative_tokens,
+                             vllm_config.scheduler_config.max_num_seqs)
+
+
+def gate_in_effect(vllm_config) -> bool:
+    """The gate runs in this config: chosen (``gate_choice``) and its draft-count
+    schedule in place (``configure_gate``; vLLM drops it with data parallelism)."""
+    spec = _dspark_spec(vllm_config)
+    if spec is None or not vllm_config.use_v2_model_runner or gate_choice(spec) is None:
+        return False
+    have = spec.num_speculative_tokens_per_batch_size
+    return have is not None and [tuple(t) for t in have] == _gate_tiers(vllm_config)
 
 
 @patch(runner="V2", scope="dspark only")
 def gate_drafting_in_the_scheduler() -> None:
-    """With VLLM_DSPARK_DRAFT_COST=measure on the V2 runner, the draft gate decides each
-    step's draft count K (γ or 0) in vLLM's scheduler (schedule/scheduler_gate.py),
-    through vLLM's dynamic speculative decoding: the config gets a draft-count schedule
-    naming both counts (so target graphs exist for both query lengths), the scheduler's
-    lookup of it becomes the gate, and every step's output times the choice."""
+    """Where ``gate_choice`` turns it on (by default with a confidence head), the V2 draft
+    gate decides each step's draft count K (γ or 0) in vLLM's scheduler
+    (schedule/scheduler_gate.py), through vLLM's dynamic speculative decoding: the
+    config gets a draft-count schedule naming both counts (so target graphs exist for
+    both query lengths), the scheduler's lookup of it becomes the gate, and every step's
+    output times the choice."""
     from vllm.config import VllmConfig
     from vllm.v1.core.sched.scheduler import Scheduler
 
@@ -180,18 +216,28 @@ def gate_drafting_in_the_scheduler() -> None:
 
 def configure_gate(vllm_config) -> None:
     """``gate_drafting_in_the_scheduler``'s config half: for dspark on V2 with the gate
-    asked for, name both draft counts in ``num_speculative_tokens_per_batch_size``."""
+    chosen (``gate_choice``), name both draft counts in
+    ``num_speculative_tokens_per_batch_size``. A user's own schedule wins over the default
+    gate (one info line) and clashes with an explicit ``measure`` (one error)."""
     spec = _dspark_spec(vllm_config)
-    if spec is None or not _gate_requested() or not vllm_config.use_v2_model_runner:
+    if spec is None or not vllm_config.use_v2_model_runner:
         return
-    from vllm_dspark.schedule.scheduler_gate import draft_count_tiers
+    choice = gate_choice(spec)
+    if choice is None:
+        return
     from vllm_dspark.schedule.verification import DRAFT_COST_ENV
 
-    tiers = draft_count_tiers(spec.num_speculative_tokens,
-                              vllm_config.scheduler_config.max_num_seqs)
+    tiers = _gate_tiers(vllm_config)
     have = spec.num_speculative_tokens_per_batch_size
     if have is not None and [tuple(t) for t in have] == tiers:
         return  # ours: a config copied from this one (the draft's) is validated again
+    if have is not None and choice == "default":
+        from vllm.logger import init_logger
+
+        init_logger(__name__).info(
+            "vllm-dspark: draft gate off: num_speculative_tokens_per_batch_size chooses "
+            "the draft count per step (set %s=0 to silence this).", DRAFT_COST_ENV)
+        return
     if have is not None:
         from vllm_dspark.config import DSparkConfigError
 
@@ -205,9 +251,9 @@ def configure_gate(vllm_config) -> None:
 
 def install_gate(scheduler) -> None:
     """The scheduler half: its draft-count lookup becomes the gate (only where
-    ``configure_gate`` set the schedule; vLLM drops it with data parallelism)."""
-    if (_dspark_spec(scheduler.vllm_config) is None or not scheduler.use_v2_model_runner
-            or scheduler.dynamic_sd_lookup is None or not _gate_requested()):
+    ``configure_gate`` set the schedule; vLLM drops it with data parallelism, and a
+    user's own schedule stays the user's)."""
+    if scheduler.dynamic_sd_lookup is None or not gate_in_effect(scheduler.vllm_config):
         return
     from vllm_dspark.schedule.scheduler_gate import SchedulerGate
 
@@ -347,7 +393,7 @@ def configure_tree(vllm_config) -> None:
     if spec.enable_adaptive_verification:
         clash = ("the verification budget (VLLM_DSPARK_SCHEDULER=causal|async or "
                  "enable_adaptive_verification)", "unset it")
-    elif _gate_requested():
+    elif gate_choice(spec) == "asked":
         clash = ("the draft gate (VLLM_DSPARK_DRAFT_COST=measure)", "unset it")
     elif vllm_config.compilation_config.cudagraph_mode.has_full_cudagraphs():
         clash = ("FULL CUDA graphs of the target (its tree attention runs eagerly)",

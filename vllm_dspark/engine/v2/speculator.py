@@ -107,7 +107,7 @@ class DSparkV2Speculator(DSparkSpeculator):
     def _describe_choice(self) -> str:
         """The start-up line (vllm_dspark.logs): heads, drafts, and the verification rule
         in effect on this runner (engine/v2/patches.py decided it from the knobs)."""
-        from vllm_dspark.engine.v2.patches import _RULES, _gate_requested, _scheduler_mode
+        from vllm_dspark.engine.v2.patches import _RULES, _scheduler_mode, gate_in_effect
         from vllm_dspark.logs import describe_choice
 
         spec = self.speculative_config
@@ -120,8 +120,7 @@ class DSparkV2Speculator(DSparkSpeculator):
             sps = "vLLM's step costs, profiled at capture"
         # configure_gate named both draft counts for the scheduler's gate (vLLM drops
         # them with data parallelism, and then no gate runs).
-        gate = _gate_requested() and getattr(
-            spec, "num_speculative_tokens_per_batch_size", None) is not None
+        gate = gate_in_effect(self.vllm_config)
         return describe_choice("V2", self.dspark, gamma=self.num_speculative_steps,
                                scheduler=scheduler, sps=sps, gate=gate,
                                draft_sample_method=spec.draft_sample_method)
