@@ -44,18 +44,19 @@
 # instead of training `big` from scratch:
 #   TESTS_ALONE=1 WARM_FROM=models/dspark-smollm2-135m PROFILE_CONFIGS=ours-tree SCALE=0 \
 #     KERNELS=0 PROBE_SPS=3.3 EVAL_S=240 DEADLINE=... window.sh start
-# The next window, planned on 2026-12-07 (every step of issues 15-17 still owed, in one
-# call after install; `poll S tests`, `poll S sweep`, `poll S profile`, `poll 1 big`,
-# `poll S eval` bring each back as it lands):
-#   TESTS_ALONE=1 PROFILE_CONFIGS=ours-tree KERNELS=0 SCALE=0 \
-#     SWEEP_ARGS="--configs plain upstream ours ours-nogate ours-vllm-graphs --concurrency 32 64 128 \
-#       --temperatures 0 1 --repeats 2 --min-seconds 2 --kv-gib 2.5" \
+# Seen (2026-12-07, fourth session, H100): the whole GPU test list, 3 files at a time on
+# the GPU alone, took ~25 min (104 of 105 done when the budget ended, 101 passed: log
+# benchmarks/results/gpu_tests_v2_h100_2026-12-07b.log), all of a window that starts
+# ~21 min before its budget ends. So the next window runs only the tests still owed (the
+# two fixed ones, the tree case not reached, the served endpoint with the gate now on by
+# default), then the sweep (the new default `ours` against `ours-nogate`, the graph patch
+# against `ours-vllm-graphs`, tree mode since its changes), in one call after install:
+#   TESTS_ALONE=1 TEST_WORKERS=2 TEST_K="graph_safe or tree_greedy or server" PROFILE=0 \
+#     KERNELS=0 SCALE=0 SWEEP_ARGS="--configs plain upstream ours ours-nogate \
+#       ours-vllm-graphs ours-tree --concurrency 1 8 32 64 128 --temperatures 0 1 \
+#       --repeats 2 --min-seconds 2 --kv-gib 2.5" \
 #     WARM_FROM=models/dspark-smollm2-135m PROBE_SPS=3.3 EVAL_S=240 DEADLINE=... window.sh start
-# (the profile runs first: move it after the sweep by running it alone if time is short)
-# Next window for issue 15 (the sweep needs the GPU alone, so not beside a training): the
-# GPU tests first (they now include the V2 draft gate: test_v2.py -k gate, chi-square
-# "gate"), then `session.sh sweep-bg` (default configs: plain upstream upstream-adaptive
-# ours-fixed ours ours-gate) with the committed drafter.
+# then `poll S tests`, `poll S sweep` (the training leg follows only if time is left).
 set -uo pipefail
 export PYTHONPATH=/tmp/site:${PYTHONPATH:-} VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONUNBUFFERED=1
 G=/tmp/gpu; L=$G/window; mkdir -p $L
