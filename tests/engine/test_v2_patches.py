@@ -318,11 +318,13 @@ class _Scripted:
         self.samples.append((requests, drafted, tokens))
 
 
-def test_vllms_scheduler_drafts_what_the_v2_gate_says(corrupted_oracle_pair, monkeypatch):
+@pytest.mark.parametrize("cost", ["measure", None])  # asked for, and the default
+def test_vllms_scheduler_drafts_what_the_v2_gate_says(corrupted_oracle_pair, monkeypatch, cost):
     """vLLM's own (async) scheduler, driven step by step with made-up outputs: the gate
     answers its draft-count lookup, the next step schedules that many draft slots per
     request, only steps between equal decisions are timed, and the step stats carry
-    the gate's decisions and the scheduled draft lengths (the V2 metrics)."""
+    the gate's decisions and the scheduled draft lengths (the V2 metrics). The same with
+    the knob unset: the draft has a confidence head, so the gate is the default."""
     import torch
     from vllm import SamplingParams
     from vllm.config import VllmConfig
@@ -339,7 +341,7 @@ def test_vllms_scheduler_drafts_what_the_v2_gate_says(corrupted_oracle_pair, mon
     from vllm_dspark.schedule.scheduler_gate import SchedulerGate
 
     apply_all()
-    monkeypatch.setenv("VLLM_DSPARK_DRAFT_COST", "measure")
+    _set_env(monkeypatch, "VLLM_DSPARK_DRAFT_COST", cost)
     target, draft = corrupted_oracle_pair
     cfg = EngineArgs(model=target, enforce_eager=True, max_model_len=256, max_num_seqs=8,
                      enable_prefix_caching=False,
