@@ -167,14 +167,19 @@ def _gate_tiers(vllm_config) -> list[tuple[int, int, int]]:
                              vllm_config.scheduler_config.max_num_seqs)
 
 
+def _holds_gate_tiers(vllm_config) -> bool:
+    """The config's draft-count schedule is the gate's (``configure_gate`` set it)."""
+    have = vllm_config.speculative_config.num_speculative_tokens_per_batch_size
+    return have is not None and [tuple(t) for t in have] == _gate_tiers(vllm_config)
+
+
 def gate_in_effect(vllm_config) -> bool:
     """The gate runs in this config: chosen (``gate_choice``) and its draft-count
     schedule in place (``configure_gate``; vLLM drops it with data parallelism)."""
     spec = _dspark_spec(vllm_config)
     if spec is None or not vllm_config.use_v2_model_runner or gate_choice(spec) is None:
         return False
-    have = spec.num_speculative_tokens_per_batch_size
-    return have is not None and [tuple(t) for t in have] == _gate_tiers(vllm_config)
+    return _holds_gate_tiers(vllm_config)
 
 
 @patch(runner="V2", scope="dspark only")
@@ -227,10 +232,9 @@ def configure_gate(vllm_config) -> None:
         return
     from vllm_dspark.schedule.verification import DRAFT_COST_ENV
 
-    tiers = _gate_tiers(vllm_config)
-    have = spec.num_speculative_tokens_per_batch_size
-    if have is not None and [tuple(t) for t in have] == tiers:
+    if _holds_gate_tiers(vllm_config):
         return  # ours: a config copied from this one (the draft's) is validated again
+    have = spec.num_speculative_tokens_per_batch_size
     if have is not None and choice == "default":
         from vllm.logger import init_logger
 
@@ -246,7 +250,7 @@ def configure_gate(vllm_config) -> None:
             "batch_size both choose the draft count per step; remove one: unset "
             f"{DRAFT_COST_ENV} to keep your schedule, or drop the schedule from "
             "speculative_config to let the gate measure.")
-    spec.num_speculative_tokens_per_batch_size = tiers
+    spec.num_speculative_tokens_per_batch_size = _gate_tiers(vllm_config)
 
 
 def install_gate(scheduler) -> None:
