@@ -178,8 +178,15 @@ def main() -> None:
     ap.add_argument("--kv-gib", type=float, default=4.0, help="KV cache per engine")
     ap.add_argument("--tensor-parallel-size", type=int, default=1,
                     help="the target's TP degree (the draft follows vLLM's default)")
+    ap.add_argument("--cap", nargs="*", default=[], metavar="NAME=C",
+                    help="run configuration NAME only at concurrency <= C (a slow one "
+                         "would otherwise take most of a window at high load)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
+    try:
+        caps = {k: int(v) for k, v in (c.split("=") for c in args.cap)}
+    except ValueError:
+        raise SystemExit(f"--cap takes NAME=C pairs (e.g. ours-tree=8), got {args.cap}") from None
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
     from vllm_dspark.prompts import read_prompts
@@ -223,10 +230,12 @@ def main() -> None:
                 raise SystemExit(f"plain did not start: {failed.get('plain')}")
             for t in args.temperatures:
                 for c in args.concurrency:
-                    rep, spent = 0, dict.fromkeys(args.configs, 0.0)
+                    rep = 0
+                    spent = {n: 0.0 for n in args.configs if c <= caps.get(n, c)}
                     while spent and (rep < args.repeats or min(spent.values()) < args.min_seconds):
-                        k = rep % len(args.configs)
-                        for name in args.configs[k:] + args.configs[:k]:
+                        names = list(spent)
+                        k = rep % len(names)
+                        for name in names[k:] + names[:k]:
                             proc = engines[name]
                             try:
                                 proc.stdin.write(json.dumps({"c": c, "t": t, "seed": rep})
