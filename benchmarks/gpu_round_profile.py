@@ -130,7 +130,10 @@ if __name__ == "__main__":
                unprofiled=dict(steps=plain_steps, wall_ms_per_step=plain_wall / plain_steps * 1e3,
                                tok_s=job["tokens"] / plain_wall, event_ms_per_step=event_ms))
     print("RESULT " + json.dumps(out), flush=True)
-    os._exit(0)
+    # A bare exit would leave vLLM's engine-core process holding its GPU memory (the next
+    # configuration's start-up check would fail): end this worker's process group.
+    import signal
+    os.killpg(os.getpgid(0), signal.SIGKILL)
 '''
 
 
@@ -157,7 +160,9 @@ def main() -> None:
              "upstream-adaptive": (dict(spec, enable_adaptive_verification=True), off),
              "ours-budget": (spec, {"VLLM_DSPARK_SCHEDULER": "causal"}),
              # Tree verification (issue 17): the sweep's engine arguments for it.
-             "ours-tree": (spec, {"VLLM_DSPARK_TREE": "on"})}
+             "ours-tree": (spec, {"VLLM_DSPARK_TREE": "on"}),
+             # No step drafts (a draft-count schedule of 0): a step the draft gate skips.
+             "ours-skip": (dict(spec, num_speculative_tokens_per_batch_size=[[1, 1, 0]]), {})}
     from gpu_sweep import LLM_KWARGS  # benchmarks/ is this script's directory
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -168,10 +173,11 @@ def main() -> None:
             jp = os.path.join(tmp, f"{name}.json")
             json.dump(dict(target=args.target, spec=spec_cfg, prompt=prompt,
                            tokens=args.tokens, dtype=args.dtype, eager=name.endswith("-eager"),
-                           plugin_off=bool(env), llm_kwargs=LLM_KWARGS.get(name, {})),
+                           plugin_off="VLLM_PLUGINS" in env, llm_kwargs=LLM_KWARGS.get(name, {})),
                       open(jp, "w"))
             proc = subprocess.run([sys.executable, worker, jp], capture_output=True, text=True,
-                                  env=dict(os.environ, **env), timeout=900)
+                                  env=dict(os.environ, **env), timeout=900,
+                                  start_new_session=True)  # its own process group (WORKER)
             line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
             if line is None:
                 raise RuntimeError(f"{name} failed:\n{proc.stderr[-4000:]}")

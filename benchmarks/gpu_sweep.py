@@ -20,7 +20,8 @@ Every configuration is one engine in its own process, all alive at once on one G
   ``ours-vllm-graphs``: ``ours-nogate`` with vLLM's own CUDA graph sizes (its 512-token
   ceiling, ``VLLM_DSPARK_DECODE_GRAPHS=vllm``); ``ours-budget``: the device-side
   verification budget with Algorithm 1's stop (``VLLM_DSPARK_SCHEDULER=causal``);
-  ``ours-async``: with §5.2's rule; ``ours-tree``: draft trees of γ nodes
+  ``ours-async``: with §5.2's rule; ``ours-skip``: no step drafts (a draft-count
+  schedule of 0), what a step the gate skips costs; ``ours-tree``: draft trees of γ nodes
   (``VLLM_DSPARK_TREE=on``, experimental), which need PIECEWISE target graphs and
   FlashAttention (``ours`` is its chain, ``ours-chain`` in issue 17's words).
 
@@ -53,9 +54,15 @@ job = json.load(open(sys.argv[1]))
 from vllm import LLM, SamplingParams
 
 def counters(llm):
-    m = {x.name: getattr(x, "value", None) for x in llm.get_metrics()}
-    return {k: m.get("vllm:spec_decode_" + k) or 0
-            for k in ("num_drafts", "num_draft_tokens", "num_accepted_tokens")}
+    m = {}
+    for x in llm.get_metrics():
+        decision = x.labels.get("decision")  # the plugin's draft gate: drafted / skipped
+        m[x.name + (f"/{decision}" if decision else "")] = getattr(x, "value", None)
+    out = {k: m.get("vllm:spec_decode_" + k) or 0
+           for k in ("num_drafts", "num_draft_tokens", "num_accepted_tokens")}
+    for d in ("drafted", "skipped"):  # steps the gate drafted / skipped (0 without it)
+        out["gate_" + d] = m.get("vllm:dspark_draft_gate_steps/" + d) or 0
+    return out
 
 if __name__ == "__main__":
     kw = dict(model=job["target"], dtype="bfloat16", max_model_len=2048,
@@ -90,11 +97,16 @@ if __name__ == "__main__":
                               .encode()).hexdigest()
         print(json.dumps(dict(tokens=n, seconds=dt, digest=digest, **d)), flush=True)
     sys.stdout.flush()
-    os._exit(0)  # vLLM may hang in shutdown after the work is done
+    # vLLM may hang in shutdown after the work is done, and a bare exit leaves its
+    # engine-core processes holding their GPU memory (H100, 2026-12-07: six of them,
+    # 28 GB, outlived the sweep): end this engine's whole process group (its own session).
+    import signal
+    os.killpg(os.getpgid(0), signal.SIGKILL)
 '''
 
 CONFIGS = ("plain", "upstream", "upstream-adaptive", "ours-fixed", "ours", "ours-nogate",
-           "ours-gate", "ours-budget", "ours-async", "ours-tree", "ours-vllm-graphs")
+           "ours-gate", "ours-budget", "ours-async", "ours-tree", "ours-vllm-graphs",
+           "ours-skip")
 # Engine arguments beyond the shared ones, by configuration.
 LLM_KWARGS = {"ours-tree": {"attention_backend": "FLASH_ATTN",
                             "compilation_config": {"cudagraph_mode": "PIECEWISE"}}}
@@ -117,6 +129,9 @@ def config_job(name: str, args) -> tuple[dict | None, dict]:
         "ours-budget": (spec, {"VLLM_DSPARK_SCHEDULER": "causal"}),
         "ours-async": (spec, {"VLLM_DSPARK_SCHEDULER": "async"}),
         "ours-tree": (spec, {"VLLM_DSPARK_TREE": "on"}),
+        # Every step without drafts (a draft-count schedule of 0 for every batch size,
+        # carried to the tail): what a step the draft gate skips costs against plain.
+        "ours-skip": (dict(spec, num_speculative_tokens_per_batch_size=[[1, 1, 0]]), {}),
         # vLLM's own CUDA graph sizes (its 512-token ceiling), as before the plugin
         # captured every decode batch (engine/patches.py capture_every_decode_batch);
         # against ours-nogate, both drafting every step (the gate would dodge the ceiling).
@@ -210,7 +225,8 @@ def main() -> None:
                 json.dump(job, open(jp, "w"))
                 engines[name] = subprocess.Popen(
                     [sys.executable, script, jp], text=True, stdin=subprocess.PIPE,
-                    stdout=subprocess.PIPE, env=dict(os.environ, **env))
+                    stdout=subprocess.PIPE, env=dict(os.environ, **env),
+                    start_new_session=True)  # its process group ends with it (ENGINE)
                 time.sleep(5)  # staggered: each start-up checks free GPU memory
             for name, proc in list(engines.items()):
                 try:
@@ -310,6 +326,9 @@ def summarize(raw, args) -> list[dict]:
                                 if drafts else None),
                            verified_per_step=(sum(r["num_draft_tokens"] for r in rs) / drafts
                                               if drafts else None))
+                gated = sum(r.get("gate_drafted", 0) + r.get("gate_skipped", 0) for r in rs)
+                if gated:  # the draft gate ran: the share of its steps without drafts
+                    row["gate_skipped_share"] = sum(r["gate_skipped"] for r in rs) / gated
                 if plain and name != "plain":
                     row["ratio_to_plain"] = statistics.median(
                         (r["tokens"] / r["seconds"]) / (p["tokens"] / p["seconds"])

@@ -47,3 +47,15 @@ def test_every_configuration_has_a_job():
         assert (spec is None) == (name == "plain"), name
     assert sweep.config_job("ours-tree", args)[1] == {"VLLM_DSPARK_TREE": "on"}
     assert sweep.LLM_KWARGS["ours-tree"]["compilation_config"]["cudagraph_mode"] == "PIECEWISE"
+
+
+def test_the_gates_share_of_skipped_steps_and_the_skip_config():
+    sweep = _sweep()
+    gated = dict(_run(8, 1.0, drafts=70, accepted=35), gate_drafted=30, gate_skipped=10)
+    raw = {"plain": [_run(8, 1.0)], "ours": [gated], "ours-nogate": [_run(8, 1.0, drafts=80)]}
+    rows = {r["config"]: r for r in sweep.summarize(raw, SimpleNamespace(
+        temperatures=[0.0], concurrency=[8]))}
+    assert rows["ours"]["gate_skipped_share"] == 0.25
+    assert "gate_skipped_share" not in rows["ours-nogate"]  # no gate ran there
+    spec, env = sweep.config_job("ours-skip", SimpleNamespace(draft="d", gamma=7))
+    assert spec["num_speculative_tokens_per_batch_size"] == [[1, 1, 0]] and env == {}

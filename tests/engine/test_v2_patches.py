@@ -418,8 +418,9 @@ def test_tree_mode_keeps_the_drafters_full_graphs(monkeypatch):
 
 def test_a_step_without_drafts_stores_context_and_drafts_nothing(monkeypatch):
     """K = 0 (the gate skipped): upstream's preparation runs on its eager path, which
-    stores the drafter's context K/V, and the draft itself (``_generate_draft``) does
-    not; a step with drafts, and the graph capture's dummy runs, draft as upstream."""
+    stores the drafter's context K/V, and neither the draft itself (``_generate_draft``)
+    nor its attention metadata is built; a step with drafts, and the graph capture's
+    dummy runs, draft as upstream."""
     from vllm.v1.worker.gpu.spec_decode.dspark.speculator import DSparkSpeculator
 
     from vllm_dspark.engine.v2.speculator import DSparkV2Speculator
@@ -428,12 +429,16 @@ def test_a_step_without_drafts_stores_context_and_drafts_nothing(monkeypatch):
 
     def upstream_propose(self, input_batch, *args, **kwargs):
         calls.append(("propose", kwargs.get("is_profile", False)))
-        self._generate_draft(input_batch.num_reqs, 8, None, None, None)
+        meta = self._build_uniform_attn_metadata(num_reqs=input_batch.num_reqs)
+        self._generate_draft(input_batch.num_reqs, 8, meta, None, None)
         return "drafts"
 
     monkeypatch.setattr(DSparkSpeculator, "propose", upstream_propose)
     monkeypatch.setattr(DSparkSpeculator, "_generate_draft",
                         lambda self, *a, **kw: calls.append(("draft",)))
+    # The draft query's metadata: built only where a draft forward reads it.
+    monkeypatch.setattr(DSparkSpeculator, "_build_uniform_attn_metadata",
+                        lambda self, **kw: calls.append(("metadata",)) or "meta")
     sp = object.__new__(DSparkV2Speculator)
     sp._context_only, sp._trace_path, sp.tree_spec = False, None, None
     batch = SimpleNamespace(num_reqs=2)
@@ -442,7 +447,7 @@ def test_a_step_without_drafts_stores_context_and_drafts_nothing(monkeypatch):
     calls.clear()
     sp.propose(batch, num_speculative_tokens=4)
     sp.propose(batch, num_speculative_tokens=0, dummy_run=True)
-    assert calls == [("propose", False), ("draft",), ("propose", False), ("draft",)]
+    assert calls == [("propose", False), ("metadata",), ("draft",)] * 2
 
 
 def test_the_v2_gate_survives_the_draft_config_copy(corrupted_oracle_pair, monkeypatch):

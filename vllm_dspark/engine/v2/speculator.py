@@ -222,6 +222,14 @@ class DSparkV2Speculator(DSparkSpeculator):
             return
         super()._generate_draft(*args, **kwargs)
 
+    def _build_uniform_attn_metadata(self, *args, **kwargs):
+        """The draft query's attention metadata, which only the draft forward reads: a
+        context-only step runs none, so it skips the build (host work and, with
+        FlashAttention 3, a scheduler-metadata kernel, on every step the gate skips)."""
+        if self._context_only:
+            return None
+        return super()._build_uniform_attn_metadata(*args, **kwargs)
+
     def _trace(self, input_batch) -> None:
         """One JSON line per request (host sync: for tests and debugging only)."""
         r, gamma = input_batch.num_reqs, self.num_speculative_steps
