@@ -1,4 +1,5 @@
-"""Where one decode round's time goes at concurrency 1: ours vs upstream (torch profiler).
+"""Where one decode round's time goes at concurrency 1 (or ``--concurrency C``): ours vs
+upstream (torch profiler).
 
     python benchmarks/gpu_round_profile.py --target T --draft D --prompts mt-bench.jsonl \
         --out benchmarks/results/gpu_round_profile_h200.json
@@ -6,7 +7,8 @@
 Each configuration runs in its own process, in-process engine (no worker process, so the
 profiler sees the runner), CUDA graphs on: ``ours`` (the plugin) and ``upstream``
 (plugin disabled), plus ``plain``; ``ours-budget`` / ``upstream-adaptive`` verify a
-device-side budget (Algorithm 1 / vLLM's rule); ``ours-tree`` verifies draft trees
+device-side budget (Algorithm 1 / vLLM's rule); ``ours-skip`` never drafts (a draft-count
+schedule of 0: the step the draft gate runs when it skips); ``ours-tree`` verifies draft trees
 (``VLLM_DSPARK_TREE=on``, the sweep's FlashAttention + PIECEWISE engine arguments);
 ``ours-eager`` / ``upstream-eager`` run without CUDA graphs, where the ``sequential``
 range (the Markov loop, sampling and confidences, ``_sample_sequential``) shows that
@@ -14,7 +16,7 @@ stage's share of the draft's GPU time. The runner's phases are wrapped in
 ``record_function`` ranges: ``target`` (execute_model: inputs + target forward),
 ``sample`` (sample_tokens: rejection sampling, bookkeeping, and the drafting inside it),
 ``draft`` (the speculator's propose: context K/V, backbone, sequential stage, as one
-FULL-graph replay). After a warm-up request, one request decodes ``--tokens`` tokens
+FULL-graph replay). After a warm-up, C requests decode ``--tokens`` tokens each
 under the profiler; per decode step we report each range's CPU time and the GPU time of
 the kernels it launched, the step's wall time, and the host gap (wall − GPU time of all
 kernels, i.e. time the GPU waited on the host). The same request is first decoded
@@ -77,13 +79,15 @@ ranged(GPUModelRunner, "execute_model", "target")
 ranged(GPUModelRunner, "sample_tokens", "sample")
 
 if __name__ == "__main__":
-    kw = dict(model=job["target"], dtype=job["dtype"], max_model_len=2048, max_num_seqs=4,
+    c = job.get("concurrency", 1)
+    kw = dict(model=job["target"], dtype=job["dtype"], max_model_len=2048,
+              max_num_seqs=max(4, c),
               seed=0, enforce_eager=job.get("eager", False) or not cuda)
     if job["spec"] is not None:
         kw["speculative_config"] = job["spec"]
     kw.update(job.get("llm_kwargs", {}))
     llm = LLM(**kw)
-    chat = [[{"role": "user", "content": job["prompt"]}]]
+    chat = [[{"role": "user", "content": p}] for p in job["prompts"][:c]]
     params = SamplingParams(temperature=0.0, max_tokens=job["tokens"], ignore_eos=True)
     llm.chat(chat, params, use_tqdm=False)  # warm-up
     EVENTS["on"] = True  # the same request, unprofiled, timed by wall clock and CUDA events
@@ -123,12 +127,14 @@ if __name__ == "__main__":
     out = dict(steps=steps, wall_ms_per_step=wall / steps * 1e3,
                gpu_ms_per_step=kernels_us / steps / 1e3,
                host_gap_ms_per_step=(wall * 1e6 - kernels_us) / steps / 1e3,
-               tokens=job["tokens"], tok_s=job["tokens"] / wall, phases=per_step,
+               concurrency=c, tokens=job["tokens"], tok_s=c * job["tokens"] / wall,
+               phases=per_step,
                top_gpu_ms_per_step={e.key[:80]: device_us(e) / steps / 1e3 for e in top_gpu},
                top_self_cpu_ms_per_step={e.key[:80]: e.self_cpu_time_total / steps / 1e3
                                          for e in top_cpu},
                unprofiled=dict(steps=plain_steps, wall_ms_per_step=plain_wall / plain_steps * 1e3,
-                               tok_s=job["tokens"] / plain_wall, event_ms_per_step=event_ms))
+                               tok_s=c * job["tokens"] / plain_wall,
+                               event_ms_per_step=event_ms))
     print("RESULT " + json.dumps(out), flush=True)
     # A bare exit would leave vLLM's engine-core process holding its GPU memory (the next
     # configuration's start-up check would fail): end this worker's process group.
@@ -145,13 +151,15 @@ def main() -> None:
     ap.add_argument("--configs", nargs="+", default=["plain", "upstream", "ours"])
     ap.add_argument("--gamma", type=int, default=7)
     ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--concurrency", type=int, default=1, help="requests decoding at once")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
     from vllm_dspark.prompts import read_prompts
 
-    prompt = read_prompts(args.prompts, limit=1)[0]
+    prompts = read_prompts(args.prompts)
+    prompts = (prompts * (args.concurrency // len(prompts) + 1))[:args.concurrency]
     spec = {"method": "dspark", "model": args.draft, "num_speculative_tokens": args.gamma}
     off = {"VLLM_PLUGINS": "vllm-dspark-disabled"}
     plans = {"plain": (None, off), "upstream": (spec, off), "ours": (spec, {}),
@@ -171,7 +179,8 @@ def main() -> None:
         for name in args.configs:  # one at a time: the profiler needs the GPU alone
             spec_cfg, env = plans[name]
             jp = os.path.join(tmp, f"{name}.json")
-            json.dump(dict(target=args.target, spec=spec_cfg, prompt=prompt,
+            json.dump(dict(target=args.target, spec=spec_cfg, prompts=prompts,
+                           concurrency=args.concurrency,
                            tokens=args.tokens, dtype=args.dtype, eager=name.endswith("-eager"),
                            plugin_off="VLLM_PLUGINS" in env, llm_kwargs=LLM_KWARGS.get(name, {})),
                       open(jp, "w"))

@@ -110,7 +110,7 @@ profile)
   python3 -m pip install -q --no-deps --no-build-isolation --upgrade --target /tmp/site . 2>&1 | grep -v WARNING
   python3 benchmarks/gpu_round_profile.py --target $G/smollm2 --draft models/dspark-smollm2-135m \
     --prompts vllm_dspark/reference_prompts/mt-bench.jsonl --out $OUT/gpu_round_profile_h200.json \
-    --configs ${PROFILE_CONFIGS:-plain upstream ours ours-budget} ;;
+    --configs ${PROFILE_CONFIGS:-plain upstream ours ours-budget} ${PROFILE_ARGS:-} ;;
 grab)
   # Wait up to $2 s for the chain (chain-bg), then copy back what it has so far. Short
   # waits: a machine taken back mid-call returns nothing of that call (H100, 2026-12-07:

@@ -57,6 +57,19 @@
 #       --repeats 2 --min-seconds 2 --kv-gib 2.5" \
 #     WARM_FROM=models/dspark-smollm2-135m PROBE_SPS=3.3 EVAL_S=240 DEADLINE=... window.sh start
 # then `poll S tests`, `poll S sweep` (the training leg follows only if time is left).
+# Seen (2026-12-07, evening, H100): that plan's tests took 7.6 min (18 passed, log
+# benchmarks/results/gpu_tests_v2_h100_2026-12-07c.log), its sweep ~8 min (results/
+# gpu_sweep_h100_2026-12-07b.*); the data leg then found the sweep's orphaned engine cores
+# holding 28 GB (the sweep's engines now end their process groups). The gate drafted
+# nearly every step where plain was faster; a skipped step cost ~1.3 plain steps at
+# C = 128 in the first sweep. So the next window: the gate's GPU tests (a skipped step
+# now skips the draft metadata build), the profile at C = 128 of plain / ours-skip /
+# ours-nogate, then the sweep with ours-skip and the gate's skip share:
+#   PROFILE=1 PROFILE_CONFIGS="plain ours-skip ours-nogate" PROFILE_ARGS="--concurrency 128" \
+#     TESTS_ALONE=1 TEST_WORKERS=2 TEST_K="gate" KERNELS=0 SCALE=0 SWEEP_ARGS="--configs plain \
+#       upstream ours ours-nogate ours-skip --concurrency 1 8 32 64 128 --temperatures 0 1 \
+#       --repeats 2 --min-seconds 2 --kv-gib 2.5" \
+#     WARM_FROM=models/dspark-smollm2-135m PROBE_SPS=3.3 EVAL_S=240 DEADLINE=... window.sh start
 set -uo pipefail
 export PYTHONPATH=/tmp/site:${PYTHONPATH:-} VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONUNBUFFERED=1
 G=/tmp/gpu; L=$G/window; mkdir -p $L
