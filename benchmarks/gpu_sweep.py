@@ -87,7 +87,7 @@ if __name__ == "__main__":
         params = SamplingParams(temperature=cmd["t"], max_tokens=job["max_tokens"],
                                 ignore_eos=True, seed=cmd.get("seed"))
         before = counters(llm)
-        t0 = time.perf_counter()
+        t0, wall0 = time.perf_counter(), time.time()
         outs = llm.chat(chats[:c], params, use_tqdm=False)
         dt = time.perf_counter() - t0
         after = counters(llm)
@@ -95,7 +95,8 @@ if __name__ == "__main__":
         n = sum(len(o.outputs[0].token_ids) for o in outs)
         digest = hashlib.sha1(json.dumps([list(o.outputs[0].token_ids) for o in outs])
                               .encode()).hexdigest()
-        print(json.dumps(dict(tokens=n, seconds=dt, digest=digest, **d)), flush=True)
+        print(json.dumps(dict(tokens=n, seconds=dt, digest=digest, wall=[wall0, time.time()],
+                              **d)), flush=True)
     sys.stdout.flush()
     # vLLM may hang in shutdown after the work is done, and a bare exit leaves its
     # engine-core processes holding their GPU memory (H100, 2026-12-07: six of them,
@@ -107,6 +108,10 @@ if __name__ == "__main__":
 CONFIGS = ("plain", "upstream", "upstream-adaptive", "ours-fixed", "ours", "ours-nogate",
            "ours-gate", "ours-budget", "ours-async", "ours-tree", "ours-vllm-graphs",
            "ours-skip")
+# Configurations whose engines run the draft gate: they write its trace
+# (VLLM_DSPARK_GATE_TRACE, <out>_gate_<name>.jsonl; lines carry wall-clock times, as do
+# the runs in "raw").
+GATED = ("ours", "ours-gate")
 # Engine arguments beyond the shared ones, by configuration.
 LLM_KWARGS = {"ours-tree": {"attention_backend": "FLASH_ATTN",
                             "compilation_config": {"cudagraph_mode": "PIECEWISE"}}}
@@ -216,6 +221,9 @@ def main() -> None:
         try:
             for name in args.configs:  # started together, all kept alive
                 spec, env = config_job(name, args)
+                if name in GATED:  # the gate's samples and choices, beside the JSON
+                    env = dict(env, VLLM_DSPARK_GATE_TRACE=os.path.splitext(
+                        os.path.abspath(args.out))[0] + f"_gate_{name}.jsonl")
                 job = dict(target=args.target, spec=spec, prompts=prompts,
                            max_num_seqs=max(args.concurrency), max_tokens=args.max_tokens,
                            kv_bytes=int(args.kv_gib * 2**30), gpu_memory_utilization=0.5,

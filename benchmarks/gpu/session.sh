@@ -118,7 +118,7 @@ grab)
   limit=${2:-240}; t=0
   while kill -0 "$(cat $G/chain.pid)" 2>/dev/null && [ $t -lt $limit ]; do sleep 5; t=$((t+5)); done
   kill -0 "$(cat $G/chain.pid)" 2>/dev/null && echo "chain: still running" || echo "chain: done"
-  cp $G/gpu_sweep_h200.* $G/sweep.log $G/gpu_round_profile_h200.json $G/profile.log $OUT/ 2>/dev/null
+  cp $G/gpu_sweep_h200* $G/sweep.log $G/gpu_round_profile_h200.json $G/profile.log $OUT/ 2>/dev/null
   [ -f $G/tests.log ] && cp $G/tests.log $OUT/gpu_tests_v2_h200.log
   [ -d $G/failures ] && tar -cf $OUT/gpu_test_failures.tar -C $G failures
   tail -n 12 $G/sweep.log; tail -n 3 $G/profile.log 2>/dev/null; grep -E "PASSED|FAILED|ERROR|passed|failed" $G/tests.log 2>/dev/null | tail -n 40
@@ -127,6 +127,6 @@ wait)
   name=$2; limit=${3:-540}; t=0
   while kill -0 "$(cat $G/$name.pid)" 2>/dev/null && [ $t -lt $limit ]; do sleep 5; t=$((t+5)); done
   kill -0 "$(cat $G/$name.pid)" 2>/dev/null && echo "$name: still running" || echo "$name: done"
-  cp $G/$name.log $OUT/ 2>/dev/null; cp $G/gpu_sweep_h200.* $OUT/ 2>/dev/null
+  cp $G/$name.log $OUT/ 2>/dev/null; cp $G/gpu_sweep_h200* $OUT/ 2>/dev/null
   tail -40 $G/$name.log ;;
 esac

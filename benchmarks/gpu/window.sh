@@ -61,8 +61,8 @@
 # benchmarks/results/gpu_tests_v2_h100_2026-12-07c.log), its sweep ~8 min (results/
 # gpu_sweep_h100_2026-12-07b.*); the data leg then found the sweep's orphaned engine cores
 # holding 28 GB (the sweep's engines now end their process groups). The gate drafted
-# nearly every step where plain was faster; a skipped step cost ~1.3 plain steps at
-# C = 128 in the first sweep. So the next window: the gate's GPU tests (a skipped step
+# nearly every step where plain was faster (why: unmeasured; the skipped step's cost or
+# the gate's learning speed). So the next window: the gate's GPU tests (a skipped step
 # now skips the draft metadata build), the profile at C = 128 of plain / ours-skip /
 # ours-nogate, then the sweep with ours-skip and the gate's skip share:
 #   PROFILE=1 PROFILE_CONFIGS="plain ours-skip ours-nogate" PROFILE_ARGS="--concurrency 128" \
@@ -97,7 +97,7 @@ start)
     if [ -n "${SWEEP_ARGS:-}" ]; then
       bash benchmarks/gpu/session.sh sweep-bg $SWEEP_ARGS
       while kill -0 $(cat '$G'/sweep.pid) 2>/dev/null; do sleep 5; done
-      cp '$G'/gpu_sweep_h200.* '$G'/sweep.log $OUT_KEEP/ 2>/dev/null
+      cp '$G'/gpu_sweep_h200* '$G'/sweep.log $OUT_KEEP/ 2>/dev/null
       echo sweep-done
     fi
     [ -f /tmp/pair/data60k/data.meta.json ] || bash benchmarks/smollm2/gpu.sh data-in
@@ -183,7 +183,7 @@ poll)
       trainings) cp $OUT_KEEP/training_*.json $OUT/ 2>/dev/null; ls $OUT_KEEP ;;
       scale) for d in 4 16; do tail -n 2 /tmp/pair/SEQ$d.log | tr '\r' '\n' | tail -n 2; done ;;
       kernels) cp $OUT_KEEP/tree_kernels_*.json $L/kernels.log $OUT/ 2>/dev/null; tail -n 5 $L/kernels.log ;;
-      sweep) cp $OUT_KEEP/gpu_sweep_h200.* $OUT_KEEP/sweep.log $OUT/ 2>/dev/null; tail -n 12 $OUT_KEEP/sweep.log ;;
+      sweep) cp $OUT_KEEP/gpu_sweep_h200* $OUT_KEEP/sweep.log $OUT/ 2>/dev/null; tail -n 12 $OUT_KEEP/sweep.log ;;
     esac
   done
   nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader ;;

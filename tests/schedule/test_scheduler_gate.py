@@ -86,3 +86,44 @@ def test_vllms_lookup_is_the_gate():
 def test_the_schedule_names_both_draft_counts():
     assert draft_count_tiers(7, 64) == [(1, 1, 7), (2, 64, 0)]
     assert draft_count_tiers(7, 1) == [(1, 1, 7)]
+
+
+def test_the_trace_holds_each_change_of_k_and_each_timed_sample():
+    import io
+    import json
+
+    trace = io.StringIO()
+    spy = _Spy()
+    gate = SchedulerGate(gamma=4, gate=spy, trace=trace)
+    ks = _run(gate, 60, requests=2, plain_s=1.0, verify_s=1.2, draft_s=0.2, tau=1.5)
+    lines = [json.loads(x) for x in trace.getvalue().splitlines()]
+    changes = [x["k"] for x in lines if "k" in x]
+    samples = [(x["r"], x["drafted"], x["tokens"], x["s"]) for x in lines if "drafted" in x]
+    assert changes == [k for i, k in enumerate(ks) if i == 0 or k != ks[i - 1]]
+    assert samples == [(r, d, t, pytest.approx(s)) for r, d, t, s in spy.samples]
+    assert len(samples) > 10
+
+
+def test_the_gate_turns_soon_after_drafting_stops_paying():
+    # The H100 sweep's C = 128 cells on a made-up clock: at T = 0 drafting pays (τ 1.77:
+    # 1.15× plain); then at T = 1 (τ 1.46) the same step costs lose 5 % to plain. The gate
+    # must follow within a few dozen steps, not the ~350 steps a sweep cell lasts.
+    gate = SchedulerGate(gamma=7)
+
+    def run(steps, tau, clock):
+        ks = []
+        for _ in range(steps):
+            k = gate.k(128)
+            clock["now"] += (1.3 if clock["k"] else 1.0) + (0.24 if k else 0.0)
+            tokens = round(128 * (tau if clock["k"] else 1.0))
+            gate.observe(clock["now"], 128, tokens, verified=clock["k"] > 0, drafted=k > 0)
+            ks.append(k)
+            clock["k"] = k
+        return ks
+
+    clock = {"now": 0.0, "k": 0}
+    paying = run(600, 1.77, clock)
+    assert sum(k > 0 for k in paying[100:]) / 500 > 0.95
+    losing = run(400, 1.46, clock)
+    assert losing.index(0) < 40
+    assert sum(k == 0 for k in losing[40:]) / 360 > 0.95

@@ -22,17 +22,26 @@ are emitted.
 
 from __future__ import annotations
 
+import json
+import time
+from typing import TextIO
+
 from vllm_dspark.schedule.gate import DraftGate, same_load
 
 HOLD = 2  # steps a switched decision lasts: one mixed step, then one clean sample
 
 
 class SchedulerGate:
-    def __init__(self, gamma: int, gate: DraftGate | None = None):
+    def __init__(self, gamma: int, gate: DraftGate | None = None, trace: TextIO | None = None):
         if gamma < 1:
             raise ValueError(f"SchedulerGate needs γ ≥ 1 draft tokens, got {gamma}")
         self.gamma = gamma
         self.gate = gate if gate is not None else DraftGate()
+        # Debugging (VLLM_DSPARK_GATE_TRACE): one JSON line per decision that changes K
+        # ({"r", "k"}) and per timed sample ({"r", "drafted", "tokens", "s"}), each with
+        # its wall-clock time ("wall", to line up with a benchmark's runs), to tell what
+        # the gate measured from what it chose.
+        self.trace = trace
         self._k: int | None = None  # the last decision
         self._held = 0  # steps the last decision has lasted
         # (time, requests, drafted) of the last output
@@ -43,6 +52,8 @@ class SchedulerGate:
         if self._k is None or self._held >= HOLD:
             k = self.gamma if self.gate.decide(requests) else 0
             self._held = 0 if k != self._k else HOLD - 1
+            if self.trace is not None and k != self._k:
+                self._write({"r": requests, "k": k})
             self._k = k
         self._held += 1
         return self._k
@@ -62,6 +73,13 @@ class SchedulerGate:
             return  # the previous output was not this step's predecessor's
         if verified == drafted and same_load(requests, last[1]):
             self.gate.observe(requests, drafted, tokens, now - last[0])
+            if self.trace is not None:
+                self._write({"r": requests, "drafted": drafted, "tokens": tokens,
+                             "s": round(now - last[0], 7)})
+
+    def _write(self, record: dict) -> None:
+        self.trace.write(json.dumps(dict(record, wall=round(time.time(), 4))) + "\n")
+        self.trace.flush()  # the engine core may be killed, not shut down
 
 
 def draft_count_tiers(gamma: int, max_num_seqs: int) -> list[tuple[int, int, int]]:

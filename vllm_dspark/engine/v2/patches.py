@@ -6,6 +6,7 @@ the heavy V2 modules are imported only inside a worker that builds a V2 runner.
 
 from __future__ import annotations
 
+import os
 import time
 
 from vllm_dspark.config import DSparkConfig
@@ -27,7 +28,6 @@ def _scheduler_mode(spec) -> str | None:
     pair (benchmarks/results/gpu_sweep_h200_long.json), vLLM 0.32's device-side budget
     machinery costs more per step than the verification it saves, at every concurrency
     (0.61-0.78 of no speculation against 0.87-1.09 for full-γ verification)."""
-    import os
 
     from vllm_dspark.schedule.verification import SCHEDULER_ENV, read_settings
 
@@ -142,7 +142,6 @@ def gate_choice(spec) -> str | None:
     Default on since its GPU tests passed (H100, 2026-12-07: greedy equal to plain with
     the reference drafts, chi-square at T = 1); swept on an H100, 1.09× the always-
     drafting default in geometric mean over 13 cells (benchmarks/README.md)."""
-    import os
 
     from vllm_dspark.schedule.verification import DRAFT_COST_ENV, SCHEDULER_ENV, _draft_cost
 
@@ -261,7 +260,9 @@ def install_gate(scheduler) -> None:
         return
     from vllm_dspark.schedule.scheduler_gate import SchedulerGate
 
-    scheduler._dspark_gate = SchedulerGate(scheduler.num_spec_tokens)
+    path = os.environ.get(GATE_TRACE_ENV, "").strip()
+    trace = open(path, "a") if path else None  # debugging: the gate's samples and choices
+    scheduler._dspark_gate = SchedulerGate(scheduler.num_spec_tokens, trace=trace)
     scheduler.dynamic_sd_lookup = scheduler._dspark_gate
 
 
@@ -284,12 +285,12 @@ def observe_step(scheduler, gate, scheduler_output, model_runner_output) -> None
 
 
 TREE_ENV = "VLLM_DSPARK_TREE"
+GATE_TRACE_ENV = "VLLM_DSPARK_GATE_TRACE"
 
 
 def tree_mode(environ=None) -> bool:
     """``VLLM_DSPARK_TREE``: ``off`` (the default: chains) or ``on`` (draft trees of γ
     nodes on the V2 runner, issue 17; not yet run on a GPU)."""
-    import os
 
     from vllm_dspark.config import DSparkConfigError
 
