@@ -9,7 +9,8 @@ profiler sees the runner), CUDA graphs on: ``ours`` (the plugin) and ``upstream`
 (plugin disabled), plus ``plain``; ``ours-budget`` / ``upstream-adaptive`` verify a
 device-side budget (Algorithm 1 / vLLM's rule); ``ours-skip`` never drafts (a draft-count
 schedule of 0: the step the draft gate runs when it skips); ``ours-tree`` verifies draft trees
-(``VLLM_DSPARK_TREE=on``, the sweep's FlashAttention + PIECEWISE engine arguments);
+(``VLLM_DSPARK_TREE=on``, the sweep's FlashAttention + FULL_AND_PIECEWISE engine arguments;
+``ours-tree-piecewise``: PIECEWISE, the tree attention eager);
 ``ours-eager`` / ``upstream-eager`` run without CUDA graphs, where the ``sequential``
 range (the Markov loop, sampling and confidences, ``_sample_sequential``) shows that
 stage's share of the draft's GPU time. The runner's phases are wrapped in
@@ -169,6 +170,7 @@ def main() -> None:
              "ours-budget": (spec, {"VLLM_DSPARK_SCHEDULER": "causal"}),
              # Tree verification (issue 17): the sweep's engine arguments for it.
              "ours-tree": (spec, {"VLLM_DSPARK_TREE": "on"}),
+             "ours-tree-piecewise": (spec, {"VLLM_DSPARK_TREE": "on"}),
              # No step drafts (a draft-count schedule of 0): a step the draft gate skips.
              "ours-skip": (dict(spec, num_speculative_tokens_per_batch_size=[[1, 1, 0]]), {})}
     from gpu_sweep import LLM_KWARGS  # benchmarks/ is this script's directory

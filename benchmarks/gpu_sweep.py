@@ -22,8 +22,10 @@ Every configuration is one engine in its own process, all alive at once on one G
   verification budget with Algorithm 1's stop (``VLLM_DSPARK_SCHEDULER=causal``);
   ``ours-async``: with §5.2's rule; ``ours-skip``: no step drafts (a draft-count
   schedule of 0), what a step the gate skips costs; ``ours-tree``: draft trees of γ nodes
-  (``VLLM_DSPARK_TREE=on``, experimental), which need PIECEWISE target graphs and
-  FlashAttention (``ours`` is its chain, ``ours-chain`` in issue 17's words).
+  (``VLLM_DSPARK_TREE=on``, experimental) on FlashAttention with the target's FULL
+  graphs capturing the tree attention (``ours`` is its chain, ``ours-chain`` in issue
+  17's words); ``ours-tree-piecewise``: the same with PIECEWISE target graphs (tree
+  attention eager, the first tree mode).
 
 For each temperature and concurrency C, C chat prompts are submitted at once
 (``--max-tokens`` each, ``ignore_eos`` so every request decodes the same length), one
@@ -107,14 +109,16 @@ if __name__ == "__main__":
 
 CONFIGS = ("plain", "upstream", "upstream-adaptive", "ours-fixed", "ours", "ours-nogate",
            "ours-gate", "ours-budget", "ours-async", "ours-tree", "ours-vllm-graphs",
-           "ours-skip")
+           "ours-skip", "ours-tree-piecewise")
 # Configurations whose engines run the draft gate: they write its trace
 # (VLLM_DSPARK_GATE_TRACE, <out>_gate_<name>.jsonl; lines carry wall-clock times, as do
 # the runs in "raw").
 GATED = ("ours", "ours-gate")
 # Engine arguments beyond the shared ones, by configuration.
 LLM_KWARGS = {"ours-tree": {"attention_backend": "FLASH_ATTN",
-                            "compilation_config": {"cudagraph_mode": "PIECEWISE"}}}
+                            "compilation_config": {"cudagraph_mode": "FULL_AND_PIECEWISE"}},
+              "ours-tree-piecewise": {"attention_backend": "FLASH_ATTN",
+                                      "compilation_config": {"cudagraph_mode": "PIECEWISE"}}}
 
 
 def config_job(name: str, args) -> tuple[dict | None, dict]:
@@ -134,6 +138,7 @@ def config_job(name: str, args) -> tuple[dict | None, dict]:
         "ours-budget": (spec, {"VLLM_DSPARK_SCHEDULER": "causal"}),
         "ours-async": (spec, {"VLLM_DSPARK_SCHEDULER": "async"}),
         "ours-tree": (spec, {"VLLM_DSPARK_TREE": "on"}),
+        "ours-tree-piecewise": (spec, {"VLLM_DSPARK_TREE": "on"}),
         # Every step without drafts (a draft-count schedule of 0 for every batch size,
         # carried to the tail): what a step the draft gate skips costs against plain.
         "ours-skip": (dict(spec, num_speculative_tokens_per_batch_size=[[1, 1, 0]]), {}),

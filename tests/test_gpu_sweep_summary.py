@@ -46,7 +46,10 @@ def test_every_configuration_has_a_job():
         spec, env = sweep.config_job(name, args)
         assert (spec is None) == (name == "plain"), name
     assert sweep.config_job("ours-tree", args)[1] == {"VLLM_DSPARK_TREE": "on"}
-    assert sweep.LLM_KWARGS["ours-tree"]["compilation_config"]["cudagraph_mode"] == "PIECEWISE"
+    modes = {name: sweep.LLM_KWARGS[name]["compilation_config"]["cudagraph_mode"]
+             for name in ("ours-tree", "ours-tree-piecewise")}
+    assert modes == {"ours-tree": "FULL_AND_PIECEWISE", "ours-tree-piecewise": "PIECEWISE"}
+    assert sweep.config_job("ours-tree-piecewise", args)[1] == {"VLLM_DSPARK_TREE": "on"}
 
 
 def test_the_gates_share_of_skipped_steps_and_the_skip_config():

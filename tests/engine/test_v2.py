@@ -43,14 +43,17 @@ GPU = {"enforce_eager": False, "gpu_memory_utilization": 0.12,
 GATE = {"VLLM_DSPARK_DRAFT_COST": "measure"}
 GATE_CASES = [("qwen3", "gated", "fixed"), ("llama", "rnn", "causal")]
 # Tree mode (VLLM_DSPARK_TREE=on, issue 17): the target attends through FlashAttention
-# (the tree rows are recomputed over its cache), which needs half precision, and runs
-# without FULL CUDA graphs for now (engine/v2/patches.py configure_tree).
+# (the tree rows are recomputed over its cache), which needs half precision. Its uniform
+# decode steps replay FULL CUDA graphs that captured the tree attention (vLLM's default
+# FULL_AND_PIECEWISE; engine/v2/tree_attention.py graph_forward); TREE_PIECEWISE runs
+# every step's tree attention eagerly between the graph pieces (the first tree mode).
 TREE = {"VLLM_DSPARK_TREE": "on"}
 # Two float16 ulps of a logit in [16, 32) (SmolLM2's top logits): a top-2 margin this
 # small is a near-tie that another attention kernel's rounding may flip.
 TIE_NATS = 2.0 ** -5
 TREE_LLM = {"dtype": "float16", "attention_backend": "FLASH_ATTN",
-            "compilation_config": {"cudagraph_mode": "PIECEWISE"}}
+            "compilation_config": {"cudagraph_mode": "FULL_AND_PIECEWISE"}}
+TREE_PIECEWISE = dict(TREE_LLM, compilation_config={"cudagraph_mode": "PIECEWISE"})
 
 CASES = [("qwen3", "vanilla", "fixed"), ("qwen3", "gated", "causal"), ("qwen3", "rnn", "async"),
          ("llama", "rnn", "fixed"), ("llama", "vanilla", "causal"), ("llama", "gated", "async")]
@@ -135,7 +138,7 @@ def test_v2_smollm2_pair_greedy_equals_plain(smollm2_target):
 
 def test_v2_smollm2_tree_greedy_equals_plain_up_to_near_ties(smollm2_target):
     """The real pair with draft trees (issue 17), in float16 on FlashAttention with
-    PIECEWISE graphs (what tree mode needs), 8 chat prompts × 96 tokens at up to 4
+    tree mode's FULL graphs (``TREE_LLM``), 8 chat prompts × 96 tokens at up to 4
     requests a step: tree output equals plain's under the same settings. The chain
     (ours, same settings) is the control.
 
@@ -260,21 +263,25 @@ def test_v2_sampled_tokens_follow_the_target_distribution(models_dir, mode):
 
 
 
-@pytest.mark.parametrize("family,head", [("qwen3", "gated"), ("llama", "rnn")])
-def test_v2_tree_greedy_equals_plain(targets, drafter_factory, family, head):
+@pytest.mark.parametrize("family,head,graphs", [
+    ("qwen3", "gated", "full"), ("llama", "rnn", "full"), ("qwen3", "gated", "piecewise")])
+def test_v2_tree_greedy_equals_plain(targets, drafter_factory, family, head, graphs):
     """Draft trees of γ nodes verified on V2 (greedy): the output equals the plain
-    target's in the same precision and attention backend, and drafts were accepted.
-    The plain run uses FlashAttention throughout, the tree run our tree attention for
-    the drafted requests' rows, so a near-tie of a tiny random model's logits could
-    differ in half precision: a failure here is read with the traced ties in mind."""
+    target's in the same precision and attention backend, and drafts were accepted;
+    with the target's FULL graphs (tree attention captured) and with PIECEWISE ones
+    (tree attention eager). The plain run uses FlashAttention throughout, the tree run
+    our tree attention for the drafted requests' rows, so a near-tie of a tiny random
+    model's logits could differ in half precision: a failure here is read with the
+    traced ties in mind."""
     from test_greedy import job
 
+    llm = TREE_LLM if graphs == "full" else TREE_PIECEWISE
     draft = drafter_factory(family, head, block_size=7)
     tree = _on_v2(job(targets[family], draft, 7), "fixed")
     tree["env"].update(TREE)
-    tree["llm_kwargs"].update(TREE_LLM)
+    tree["llm_kwargs"].update(llm)
     plain = _on_v2(job(targets[family]))
-    plain["llm_kwargs"].update(TREE_LLM)
+    plain["llm_kwargs"].update(llm)
     res = _run_all({"plain": plain, "tree": tree})
     assert tokens(res["tree"]) == tokens(res["plain"])
     drafted, accepted, _ = acceptance(res["tree"])

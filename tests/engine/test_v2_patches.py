@@ -29,11 +29,14 @@ def _set_env(monkeypatch, name, value):
         monkeypatch.setenv(name, value)
 
 
-def _config(draft_dir, full_graphs=True, lora=None, pp=1):
+def _config(draft_dir, full_graphs=True, lora=None, pp=1, mode=None):
+    from vllm.config.compilation import CUDAGraphMode
+
     cfg = json.load(open(os.path.join(draft_dir, "config.json")))
     spec = SimpleNamespace(method="dspark", enable_adaptive_verification=False,
                            draft_model_config=SimpleNamespace(hf_config=_HF(cfg)))
-    mode = SimpleNamespace(has_full_cudagraphs=lambda: full_graphs)
+    if mode is None:  # vLLM's default with FULL graphs, or PIECEWISE only
+        mode = CUDAGraphMode.FULL_AND_PIECEWISE if full_graphs else CUDAGraphMode.PIECEWISE
     return SimpleNamespace(speculative_config=spec, lora_config=lora,
                            compilation_config=SimpleNamespace(cudagraph_mode=mode),
                            parallel_config=SimpleNamespace(pipeline_parallel_size=pp,
@@ -529,15 +532,22 @@ def test_a_bad_tree_knob_is_one_clear_error(monkeypatch):
 
 @pytest.mark.parametrize("case,match", [
     ("budget", "verification budget"), ("gate", "draft gate"),
-    ("full_graphs", "PIECEWISE"), ("pp", "pipeline"), ("ok", None), ("knob_off", None)])
+    ("full_mixed", "FULL_AND_PIECEWISE"), ("pp", "pipeline"), ("ok", None),
+    ("full_decode", None), ("knob_off", None)])
 def test_tree_mode_refuses_what_it_cannot_run_with(drafter_factory, monkeypatch, case, match):
+    """FULL graphs of uniform decode batches (vLLM's default FULL_AND_PIECEWISE, and
+    FULL_DECODE_ONLY) run with trees; FULL graphs of mixed batches do not."""
+    from vllm.config.compilation import CUDAGraphMode
+
     from vllm_dspark.config import DSparkConfigError
     from vllm_dspark.engine.v2.patches import configure_tree
 
     monkeypatch.setenv("VLLM_DSPARK_TREE", "off" if case == "knob_off" else "on")
     _set_env(monkeypatch, "VLLM_DSPARK_DRAFT_COST", "measure" if case == "gate" else None)
-    cfg = _config(drafter_factory("qwen3", "vanilla"),
-                  full_graphs=case in ("full_graphs", "knob_off"), pp=2 if case == "pp" else 1)
+    mode = {"full_mixed": CUDAGraphMode.FULL, "knob_off": CUDAGraphMode.FULL,
+            "full_decode": CUDAGraphMode.FULL_DECODE_ONLY, "ok": CUDAGraphMode.PIECEWISE}
+    cfg = _config(drafter_factory("qwen3", "vanilla"), mode=mode.get(case),
+                  pp=2 if case == "pp" else 1)
     cfg.speculative_config.enable_adaptive_verification = case == "budget"
     if match is None:
         configure_tree(cfg)

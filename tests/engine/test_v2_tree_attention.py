@@ -92,3 +92,75 @@ def test_tree_rows_get_tree_attention_and_the_rest_stays_causal(monkeypatch):
     assert flags == [True, False]
     for o in layers:
         torch.testing.assert_close(o.view(t, H, D), out)
+
+
+def test_a_full_graph_of_the_target_attends_trees_as_the_eager_step(monkeypatch):
+    """FULL CUDA graphs capture ``graph_forward`` (every row of the padded batch, from the
+    buffers ``fill_graph`` wrote): a uniform step of full-width trees comes out as the
+    eager tree step, padded rows keep FlashAttention's output, the drafter's layers and
+    calls outside a capture are left alone, and each target layer's cache is recorded
+    once for the KV compaction."""
+    from types import SimpleNamespace
+
+    g = torch.Generator().manual_seed(1)
+    n, w, max_reqs = 3, 4, 3  # trees of 3 nodes: 4 rows a request; graph padded to 3 requests
+    context = torch.tensor([6, 2])
+    idx = torch.tensor([1, 0], dtype=torch.int32)
+    parents = torch.tensor([[-1, 0, 0], [-1, -1, 1], [-1, 0, 1]])  # by state (2: unused)
+    num_computed = torch.zeros(max_reqs, dtype=torch.long)
+    num_computed[idx.long()] = context
+    qsl = (torch.arange(3) * w).int()
+    cu = qsl.clone()
+    t, t_pad = 2 * w, max_reqs * w
+    seq = torch.cat([context + w, torch.tensor([w])])  # the padded request: its own rows only
+    per_req = int((-(-seq // BS)).max())
+    table = torch.randperm(max_reqs * per_req, generator=g).view(max_reqs, per_req).int()
+    pos = torch.cat([torch.arange(int(c), int(c) + w) for c in context] + [torch.arange(w)])
+    b_of = torch.arange(t_pad) // w
+    slots = table[b_of, pos // BS].long() * BS + pos % BS
+    kv = torch.randn(max_reqs * per_req, KVH, BS, 2 * D, generator=g)
+    q = torch.randn(t_pad, H, D, generator=g)
+    k = torch.randn(t_pad, KVH, D, generator=g)
+    v = torch.randn(t_pad, KVH, D, generator=g)
+    impl, target, drafter = CausalFlash(D), SimpleNamespace(), SimpleNamespace(is_draft_layer=True)
+
+    def run(layer, out_rows):
+        reqs = out_rows // w  # the real batch (eager) or the graph's padded one
+        md = SimpleNamespace(slot_mapping=slots, block_table=table[:reqs],
+                             query_start_loc=torch.arange(reqs + 1).int() * w,
+                             seq_lens=seq[:reqs])
+        return impl.forward(layer, q[:out_rows], k[:out_rows], v[:out_rows], kv.clone(), md,
+                            torch.zeros(out_rows, H * D)).view(out_rows, H, D)
+
+    ta.set_step(None)
+    ta.set_graph(None)
+    causal = run(target, t_pad)
+    step = ta.tree_rows(qsl, cu, idx, num_computed, parents)
+    ta.set_step(step)
+    try:
+        eager = run(target, t)
+    finally:
+        ta.set_step(None)
+    graph = ta.graph_rows(max_reqs, n, "cpu")
+    graph.context_lens.fill_(7)  # stale values of an earlier, larger step
+    graph.causal.fill_(False)
+    ta.fill_graph(graph, step, num_tokens=t)
+    ta.set_graph(graph)
+    try:
+        monkeypatch.setattr(ta, "_capturing", lambda: False)
+        assert torch.equal(run(target, t_pad), causal) and graph.caches == []
+        monkeypatch.setattr(ta, "_capturing", lambda: True)
+        assert torch.equal(run(drafter, t_pad), causal) and graph.caches == []
+        captured = run(target, t_pad)
+        run(target, t_pad)
+    finally:
+        ta.set_graph(None)
+    torch.testing.assert_close(captured[:t], eager, atol=1e-6, rtol=1e-6)
+    assert not torch.allclose(captured[:t], causal[:t])  # side branches were recomputed
+    assert torch.equal(captured[t:], causal[t:])  # the padded request keeps its rows
+    assert graph.context_lens[2] == 0 and graph.causal[t:].all()
+    assert len(graph.caches) == 2  # one per kv.clone() above: each call is a new cache
+    # A step that is not all full-width trees (a prefill row) leaves the buffers alone.
+    before = graph.mask.clone()
+    ta.fill_graph(graph, step, num_tokens=t + 1)
+    assert torch.equal(graph.mask, before)

@@ -132,7 +132,7 @@ def _v2_tree_decoding(via_runner=False):
         slots = chain_slots(table, rows, query_start, positions, total)
         if via_runner:
             tree_runner.begin(run, positions, query_start, cu_num_logits, idx, num_computed,
-                              table, total)
+                              table, total, int(query_start[r]))
         else:
             tree_step.set_tree_positions(positions, query_start, cu_num_logits, idx, depth,
                                          total)

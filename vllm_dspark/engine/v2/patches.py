@@ -332,7 +332,8 @@ def verify_trees_on_v2() -> None:
                 tree_runner.begin(run, input_batch.positions, input_batch.query_start_loc,
                                   input_batch.cu_num_logits, input_batch.idx_mapping,
                                   self.req_states.num_computed_tokens.gpu, out[0][0],
-                                  int(input_batch.cu_num_logits_np[-1]))
+                                  int(input_batch.cu_num_logits_np[-1]),
+                                  input_batch.num_tokens)
             return out
         return patched
 
@@ -400,15 +401,26 @@ def configure_tree(vllm_config) -> None:
                  "enable_adaptive_verification)", "unset it")
     elif gate_choice(spec) == "asked":
         clash = ("the draft gate (VLLM_DSPARK_DRAFT_COST=measure)", "unset it")
-    elif vllm_config.compilation_config.cudagraph_mode.has_full_cudagraphs():
-        clash = ("FULL CUDA graphs of the target (its tree attention runs eagerly)",
-                 "pass compilation_config={'cudagraph_mode': 'PIECEWISE'} or "
-                 "enforce_eager=True")
+    elif _full_graphs_of_mixed_batches(vllm_config):
+        clash = ("FULL CUDA graphs of mixed batches (cudagraph_mode FULL; tree attention is "
+                 "captured for uniform decode batches only)",
+                 "pass compilation_config={'cudagraph_mode': 'FULL_AND_PIECEWISE'} (vLLM's "
+                 "default), 'PIECEWISE' or enforce_eager=True")
     elif vllm_config.parallel_config.pipeline_parallel_size > 1:
         clash = ("pipeline parallelism", "use one pipeline stage")
     if clash is not None:
         raise DSparkConfigError(f"{TREE_ENV}=on does not run with {clash[0]} yet: "
                                 f"{clash[1]}, or unset {TREE_ENV}.")
+
+
+def _full_graphs_of_mixed_batches(vllm_config) -> bool:
+    """FULL graphs for batches mixing prefill and decode rows (``cudagraph_mode=FULL``):
+    the tree rows of such a batch are found per step on the host, which no graph replay
+    repeats. FULL graphs of uniform decode batches (FULL_AND_PIECEWISE, FULL_DECODE_ONLY)
+    capture tree attention from persistent buffers (``tree_attention.graph_forward``)."""
+    from vllm.config.compilation import CUDAGraphMode
+
+    return vllm_config.compilation_config.cudagraph_mode.mixed_mode() == CUDAGraphMode.FULL
 
 
 PATCHES = (schedule_verification_on_v2, install_v2_speculator, gate_drafting_in_the_scheduler,

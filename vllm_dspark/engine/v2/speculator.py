@@ -77,14 +77,17 @@ class DSparkV2Speculator(DSparkSpeculator):
             tree_runner.RUN = tree_runner.new_run(
                 self.max_num_reqs, self.num_speculative_steps,
                 vllm_config.model_config.get_head_size(), device)
+            # FULL graphs of the target capture tree attention from these buffers.
+            from vllm_dspark.engine.v2 import tree_attention
+            tree_attention.set_graph(tree_runner.RUN.graph)
 
     def init_cudagraph_manager(self, cudagraph_mode) -> None:
-        """Tree mode runs the target with PIECEWISE graphs only (its tree attention runs
-        eagerly between the pieces), and upstream's drafter captures FULL graphs or none:
-        under PIECEWISE it would draft eagerly, the tree build's ~600 small ops a step
-        (counted on CPU, R = 1, γ = 7) each launched from the host. The draft step's
-        graphs do not depend on the target's, so in tree mode the drafter keeps FULL
-        decode graphs (the tree build is graph-safe, ``decode.tree``)."""
+        """Tree mode may run the target with PIECEWISE graphs only (its tree attention
+        then runs eagerly between the pieces), and upstream's drafter captures FULL
+        graphs or none: under PIECEWISE it would draft eagerly, the tree build's ~600
+        small ops a step (counted on CPU, R = 1, γ = 7) each launched from the host. The
+        draft step's graphs do not depend on the target's, so in tree mode the drafter
+        keeps FULL decode graphs (the tree build is graph-safe, ``decode.tree``)."""
         from vllm.config.compilation import CUDAGraphMode
 
         if self.tree_spec is not None and cudagraph_mode == CUDAGraphMode.PIECEWISE:

@@ -19,11 +19,19 @@ attention implementation's ``forward``; ``verify_trees_on_v2`` (engine/v2/patche
 installs it on ``FlashAttentionImpl``, and ``tree_runner.begin`` sets the step.
 ``tree_rows`` reads shapes back to the host (``nonzero``): it serves eager
 (piecewise-graphed) target steps.
+
+FULL CUDA graphs of the target (uniform decode steps: every request verifies a tree of
+N nodes, N + 1 rows) capture the wrapper's other path, ``graph_forward``: the same
+kernel over every row of the captured batch, from persistent buffers (``GraphRows``)
+that ``fill_graph`` writes before each step (the ancestor masks, context lengths and
+causal rows of ``tree_rows``), so a replay attends each step's trees without calling
+Python. Only the target's layers take it (the drafter's graphs are captured too), and
+only while a graph is being captured.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -109,7 +117,64 @@ def tree_forward(impl, query: torch.Tensor, kv_cache: torch.Tensor, attn_metadat
                                  att.to(output.dtype))
 
 
+@dataclass
+class GraphRows:
+    """What FULL-graph target steps read (module doc): persistent [max_reqs (+1), ...]
+    buffers for uniform decode batches of ``width`` = N + 1 rows a request."""
+
+    width: int
+    context_lens: torch.Tensor  # [max_reqs] int64 tokens before each root
+    query_start: torch.Tensor  # [max_reqs + 1] int64: 0, width, 2·width, ..
+    mask: torch.Tensor  # [max_reqs, width, width] int8 ancestor masks
+    causal: torch.Tensor  # [max_reqs·width] bool: FlashAttention's row stands
+    caches: list = field(default_factory=list)  # the target layers' KV caches, met at capture
+
+
+def graph_rows(max_reqs: int, n: int, device) -> GraphRows:
+    w = n + 1
+    causal_mask = torch.ones(w, w, dtype=torch.int8, device=device).tril()
+    return GraphRows(
+        w, torch.zeros(max_reqs, dtype=torch.int64, device=device),
+        torch.arange(max_reqs + 1, dtype=torch.int64, device=device) * w,
+        causal_mask.expand(max_reqs, w, w).contiguous(),
+        torch.ones(max_reqs * w, dtype=torch.bool, device=device))
+
+
+def fill_graph(g: GraphRows, step: TreeRows, num_tokens: int) -> None:
+    """Before a step that may replay a FULL graph: when every one of its ``num_tokens``
+    query rows is a tree row of a full-width tree (a uniform decode batch, the only kind
+    FULL graphs capture), copy ``step``'s masks, lengths and causal rows to the graph's
+    buffers. Rows past the batch (the graph's padding) keep FlashAttention's output and
+    read no context. Another step runs piecewise (``tree_forward``) and leaves them."""
+    r, t = step.reqs.shape[0], step.rows.shape[0]
+    if t != num_tokens or t != r * g.width or step.mask.shape[1] != g.width:
+        return
+    g.context_lens[:r] = step.context_lens
+    g.context_lens[r:] = 0
+    g.mask[:r] = step.mask
+    g.causal[:t] = step.causal
+    g.causal[t:] = True
+
+
+def graph_forward(impl, query: torch.Tensor, kv_cache: torch.Tensor, attn_metadata,
+                  output: torch.Tensor, g: GraphRows) -> None:
+    """``tree_forward`` for a FULL graph being captured: every row of the batch (its
+    padded size, a multiple of the tree's width), the buffers of ``g``, no host read."""
+    t = query.shape[0]
+    if t == 0 or t % g.width:
+        return  # not a tree-wide uniform decode batch
+    if all(c is not kv_cache for c in g.caches):
+        g.caches.append(kv_cache)  # for the KV compaction of replayed steps
+    r = t // g.width
+    k, v = flash_attn_kv_views(kv_cache, impl.head_size)
+    att = tree_attention(query, k, v, attn_metadata.block_table[:r], g.context_lens[:r],
+                         g.query_start[:r + 1], g.mask[:r], impl.scale, check=False)
+    out = output.view(output.shape[0], query.shape[1], -1)[:t]
+    out.copy_(torch.where(g.causal[:t, None, None], out, att.to(output.dtype)))
+
+
 _STEP: TreeRows | None = None  # this step's tree rows, around the target's forward only
+_GRAPH: GraphRows | None = None  # tree mode's FULL-graph buffers (set at start-up)
 
 
 def set_step(step: TreeRows | None) -> None:
@@ -117,14 +182,33 @@ def set_step(step: TreeRows | None) -> None:
     _STEP = step
 
 
+def set_graph(g: GraphRows | None) -> None:
+    global _GRAPH
+    _GRAPH = g
+
+
+def _is_target_layer(layer) -> bool:
+    """vLLM marks the drafter's attention layers (``is_draft_layer``) when it loads it."""
+    return layer is not None and not getattr(layer, "is_draft_layer", False)
+
+
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 def with_tree_rows(original):
     """``forward`` of an attention implementation (FlashAttention's signature in vLLM
-    0.32), then the tree rows over its output when a tree step is set."""
+    0.32), then the tree rows over its output: an eager tree step's (``set_step``), or,
+    while a FULL graph of the target is captured, the graph's (``set_graph``)."""
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args,
                 **kwargs):
         out = original(self, layer, query, key, value, kv_cache, attn_metadata, output,
                        *args, **kwargs)
-        if _STEP is not None and attn_metadata is not None:
+        if attn_metadata is None:
+            return out
+        if _STEP is not None:
             tree_forward(self, query, kv_cache, attn_metadata, out, _STEP)
+        elif _GRAPH is not None and _is_target_layer(layer) and _capturing():
+            graph_forward(self, query, kv_cache, attn_metadata, out, _GRAPH)
         return out
     return forward

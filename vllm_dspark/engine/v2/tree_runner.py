@@ -10,7 +10,8 @@ A step, for the requests that carry drafts (the tree's γ nodes, parents first):
    node rows get RoPE positions root + depth; the tree rows are set for the attention
    wrapper; ``num_computed`` before the step and the block table are kept;
 2. the target's forward: FlashAttention writes K/V, ``tree_attention`` fixes the tree
-   rows and records each target layer's cache;
+   rows and records each target layer's cache (a FULL graph replays the same from the
+   buffers ``begin`` filled, its caches recorded at capture);
 3. ``end_forward``: no more tree rows (the drafter's attention runs later); positions
    back to the chain's (the drafter reads them);
 4. ``sample_rows`` (inside V2's rejection sampler, in place of its chain walk): the
@@ -42,6 +43,7 @@ class TreeRun:
     depth: torch.Tensor  # [max_reqs, N] int64
     head_size: int  # the target's attention head size (its KV cache layout)
     tokens: torch.Tensor | None = None  # [max_reqs, N] the nodes' tokens (sample_rows)
+    graph: tree_attention.GraphRows | None = None  # what FULL target graphs read
     aux: list | None = None  # the step's aux hidden states (moved with the hidden states)
     active: bool = False  # a tree step is under way (begin .. commit)
     context: torch.Tensor | None = None  # [R] num_computed before the step
@@ -56,7 +58,8 @@ def new_run(max_reqs: int, n: int, head_size: int, device) -> TreeRun:
     # One spare row: batch rows V2 masks with request state -1 are filed there.
     full = dict(size=(max_reqs + 1, n), dtype=torch.int64, device=device)
     return TreeRun(torch.full(fill_value=-1, **full), torch.zeros(**full), head_size,
-                   tokens=torch.full(fill_value=-1, **full))
+                   tokens=torch.full(fill_value=-1, **full),
+                   graph=tree_attention.graph_rows(max_reqs, n, device))
 
 
 def _states(run: TreeRun, idx_mapping: torch.Tensor) -> torch.Tensor:
@@ -77,13 +80,17 @@ def store_tree(run: TreeRun, idx_mapping: torch.Tensor, parents: torch.Tensor,
 
 def begin(run: TreeRun, positions: torch.Tensor, query_start_loc: torch.Tensor,
           cu_num_logits: torch.Tensor, idx_mapping: torch.Tensor,
-          num_computed: torch.Tensor, block_table: torch.Tensor, total_logits: int) -> None:
-    """Step 1 (module doc). ``num_computed`` by request state, not yet advanced."""
+          num_computed: torch.Tensor, block_table: torch.Tensor, total_logits: int,
+          num_tokens: int) -> None:
+    """Step 1 (module doc). ``num_computed`` by request state, not yet advanced;
+    ``num_tokens`` the step's query rows (host-side)."""
     step = tree_attention.tree_rows(query_start_loc, cu_num_logits, idx_mapping,
                                     num_computed, run.parents, total_logits)
     run.active = step is not None
     if not run.active:
         return
+    if run.graph is not None:  # the step may replay a FULL graph of the target
+        tree_attention.fill_graph(run.graph, step, num_tokens)
     tree_step.set_tree_positions(positions, query_start_loc, cu_num_logits, idx_mapping,
                                  run.depth, total_logits)
     run.context = num_computed.long()[idx_mapping.long()]
@@ -99,6 +106,8 @@ def end_forward(run: TreeRun, positions: torch.Tensor, total_logits: int) -> Non
     tree_attention.set_step(None)
     if not run.active:
         return
+    if not run.caches and run.graph is not None and run.graph.caches:
+        run.caches = list(run.graph.caches)  # a FULL graph replayed the target
     if not run.caches:  # no target layer went through the wrapped FlashAttention
         run.active = False
         raise RuntimeError(
