@@ -87,7 +87,7 @@ def test_walk_over_draws_equals_the_reference(seed):
 if not RUN_KERNEL:
 
     def test_in_triton_interpreter():
-        all_kernel_tests = r"6 passed, \d+ deselected(, \d+ warnings?)? in "
+        all_kernel_tests = r"11 passed, \d+ deselected(, \d+ warnings?)? in "
         run_in_triton_interpreter(__file__, "kernel_", all_kernel_tests, one_thread=True)
 
 else:
@@ -139,3 +139,31 @@ else:
         assert got.tokens.shape == (0, 5)
 
 
+
+    @pytest.mark.parametrize("shape", SHAPES, ids=["r7-v53", "r3-v1500", "chain", "one-node"])
+    def test_kernel_walk_over_draws_equals_the_reference(shape):
+        """The V2 tree step's walk (every row drawn first) as one launch: the verdict of
+        ``decode.tree_verify.walk_draws`` at T = 0 and T > 0."""
+        from vllm_dspark.decode.tree_verify import walk_draws
+        from vllm_dspark.kernels.tree_accept import walk_draws_triton
+
+        r, v, spec = shape
+        for seed in range(3):
+            tree, logits, gumbel, admitted, temp = case(seed, r=r, v=v, spec=spec)
+            t = torch.where(temp > 0, temp, torch.ones_like(temp))[:, None, None]
+            draws = torch.where(temp[:, None, None] > 0, logits / t + gumbel, logits).argmax(-1)
+            args = [x.to(DEVICE) for x in (draws, tree.tokens, tree.parents, admitted)]
+            got = walk_draws_triton(*args)
+            same(got, walk_draws(*args))
+            if (r, v) == (7, 53):  # the draws agree with part of these trees
+                assert int(got.num_accepted.sum()) > 0
+
+    def test_kernel_walk_over_draws_empty_batch_and_shapes():
+        from vllm_dspark.kernels.tree_accept import walk_draws_triton
+
+        z = torch.zeros(0, 4, dtype=torch.long, device=DEVICE)
+        got = walk_draws_triton(torch.zeros(0, 5, dtype=torch.long, device=DEVICE), z, z,
+                                torch.zeros(0, dtype=torch.long, device=DEVICE))
+        assert got.tokens.shape == (0, 5)
+        with pytest.raises(ValueError, match=r"draws \[R, N\+1\]"):
+            walk_draws_triton(z, z, z, torch.zeros(0, dtype=torch.long, device=DEVICE))

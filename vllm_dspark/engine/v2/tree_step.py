@@ -30,8 +30,9 @@ from __future__ import annotations
 
 import torch
 
-from vllm_dspark.decode.tree_verify import TreeVerdict, kept_rows, walk_draws
+from vllm_dspark.decode.tree_verify import TreeVerdict, kept_rows
 from vllm_dspark.kernels.kv_compact import compact_kv
+from vllm_dspark.kernels.tree_accept import walk_draws  # one launch on a GPU
 
 
 def logits_owners(cu_num_logits: torch.Tensor, total_logits: int

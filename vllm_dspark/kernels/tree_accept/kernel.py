@@ -81,6 +81,40 @@ if triton is not None:
         tl.store(num_ptr + r, num.to(tl.int64))
 
 
+if triton is not None:
+
+    @triton.jit
+    def _walk_draws_kernel(
+        draws_ptr, tokens_ptr, parents_ptr, admitted_ptr, accepted_ptr, emitted_ptr, num_ptr,
+        N, stride_dr, stride_tr, stride_pr, BLOCK_N: tl.constexpr,
+    ):
+        # The walk of _tree_accept_kernel over draws made beforehand (one per tree row):
+        # no vocabulary pass, one program per request.
+        r = tl.program_id(0).to(tl.int64)
+        offs_n = tl.arange(0, BLOCK_N)
+        admitted = tl.load(admitted_ptr + r)
+        live = (offs_n < N) & (offs_n < admitted)
+        toks = tl.load(tokens_ptr + r * stride_tr + offs_n, mask=live, other=-1)
+        pars = tl.load(parents_ptr + r * stride_pr + offs_n, mask=live, other=-2)
+        cur = -1
+        active = 1
+        num = 0
+        for step in range(0, N + 1):
+            if active != 0:
+                x = tl.load(draws_ptr + r * stride_dr + cur + 1)
+                child = live & (pars == cur) & (toks == x)
+                found = tl.max(child.to(tl.int32), 0) > 0
+                nxt = tl.min(tl.where(child, offs_n, BLOCK_N), 0)
+                tl.store(emitted_ptr + r * (N + 1) + step, x.to(tl.int64))
+                if found:
+                    tl.store(accepted_ptr + r * N + step, nxt.to(tl.int64))
+                    num += 1
+                    cur = nxt
+                else:
+                    active = 0
+        tl.store(num_ptr + r, num.to(tl.int64))
+
+
 def available(device: torch.device) -> bool:
     """Whether the kernel can run for tensors on ``device`` (a GPU, or the interpreter)."""
     if triton is None:
@@ -113,5 +147,32 @@ def tree_accept_triton(logits, tokens, parents, admitted, temperature, gumbel=No
         HAS_GUMBEL=gumbel is not None, EPS=GREEDY_EPS,
         BLOCK_N=triton.next_power_of_2(max(n, 1)),
         BLOCK_V=min(BLOCK_V, triton.next_power_of_2(v)),
+    )
+    return TreeVerdict(accepted, num, emitted, num + 1)
+
+
+@torch.no_grad()
+def walk_draws_triton(draws, tokens, parents, admitted) -> TreeVerdict:
+    """Same contract as ``decode.tree_verify.walk_draws`` (its reference): one launch
+    instead of the reference's ~15 small ops per depth. No check reads values back to
+    the host: shapes only."""
+    r, n = tokens.shape
+    if draws.shape != (r, n + 1) or parents.shape != (r, n) or admitted.shape != (r,):
+        raise ValueError(f"walk_draws needs draws [R, N+1], tokens/parents [R, N], "
+                         f"admitted [R]; got {tuple(draws.shape)}, {tuple(tokens.shape)}, "
+                         f"{tuple(parents.shape)}, {tuple(admitted.shape)}")
+    if n > MAX_NODES:
+        raise ValueError(f"{n} nodes exceed one program ({MAX_NODES}); use the reference")
+    dev = tokens.device
+    accepted = torch.full((r, n), -1, dtype=torch.long, device=dev)
+    emitted = torch.full((r, n + 1), -1, dtype=torch.long, device=dev)
+    num = torch.zeros(r, dtype=torch.long, device=dev)
+    if r == 0:
+        return TreeVerdict(accepted, num, emitted, num + 1)
+    draws, tokens, parents = (x.long().contiguous() for x in (draws, tokens, parents))
+    _walk_draws_kernel[(r,)](
+        draws, tokens, parents, admitted.long().contiguous(), accepted, emitted, num, n,
+        draws.stride(0), tokens.stride(0), parents.stride(0),
+        BLOCK_N=triton.next_power_of_2(max(n, 1)),
     )
     return TreeVerdict(accepted, num, emitted, num + 1)
