@@ -26,7 +26,7 @@ from paged_toy import (BS, DEVICE, HD, KV_HEADS, LAYERS, V, CausalFlash, ToyLM, 
 
 from vllm_dspark.decode.tree_attention import ancestor_mask
 from vllm_dspark.decode.tree_paged import TreePass, tree_pass_inputs
-from vllm_dspark.engine.v2 import tree_runner, tree_step
+from vllm_dspark.engine.v2 import tree_attention, tree_runner, tree_step
 from vllm_dspark.kernels.tree_accept import tree_accept
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -104,6 +104,7 @@ def _v2_tree_decoding(via_runner=False):
         all_token_ids[s, : len(p)] = torch.tensor(p)
         total_len[s] = len(p)
     accepted = side = 0
+    real_hooks = (tree_attention._capturing, tree_attention._is_target_layer)
     for rnd in range(num_rounds):
         seqs = [all_token_ids[int(s), : int(total_len[s])].tolist() for s in idx]
         for b, (seq, w) in enumerate(zip(seqs, want)):
@@ -113,6 +114,8 @@ def _v2_tree_decoding(via_runner=False):
             tree_runner.store_tree(run, idx[b:b + 1], torch.tensor([pa], **i64),
                                    torch.tensor([de], **i64))
         admitted = torch.tensor([(rnd + 2 * b) % (n_nodes + 1) for b in range(r)], **i64)
+        if via_runner == "graph":  # uniform decode steps: every tree at full width
+            admitted.fill_(n_nodes)
         query_start = torch.zeros(r + 1, **i32)
         query_start[1:] = (admitted + 1).cumsum(0)
         cu_num_logits = query_start.clone()  # decode rows: every query row is a logits row
@@ -145,8 +148,20 @@ def _v2_tree_decoding(via_runner=False):
         if via_runner:  # the forward as V2 runs it, then its sampler, then the commit
             md = SimpleNamespace(slot_mapping=slots, block_table=table,
                                  query_start_loc=query_start, seq_lens=seq_lens[:r])
-            logits, hidden = model.flash_logits(input_ids[:total].long(), positions[:total],
-                                                md, kvs, impl, with_hidden=True)
+            if via_runner == "graph":
+                # As a FULL graph replays it: no eager tree rows, the attention wrapper's
+                # captured path over every row, from the buffers begin() filled.
+                tree_attention.set_step(None)
+                tree_attention.set_graph(run.graph)
+                tree_attention._capturing = lambda: True
+                tree_attention._is_target_layer = lambda layer: True
+            try:
+                logits, hidden = model.flash_logits(input_ids[:total].long(),
+                                                    positions[:total], md, kvs, impl,
+                                                    with_hidden=True)
+            finally:
+                tree_attention.set_graph(None)
+                tree_attention._capturing, tree_attention._is_target_layer = real_hooks
             tree_runner.end_forward(run, positions, total)
             # The nodes' tokens as V2's rejection sampler has them: each logits row's
             # input token (gather_draft_sampled).
@@ -206,6 +221,8 @@ def _v2_tree_decoding(via_runner=False):
         assert int(num_computed[s]) == len(got) - 1  # the last token is the next root
         assert len(got) > len(prompts[b]) + num_rounds  # trees carried right tokens
     assert accepted > num_rounds and side > 0
+    if via_runner == "graph":  # every layer's cache was met once, for the KV compaction
+        assert len(run.graph.caches) == LAYERS
 
 
 if torch.cuda.is_available() or INTERPRETED:
@@ -218,11 +235,17 @@ if torch.cuda.is_available() or INTERPRETED:
         attention through a FlashAttention stand-in wrapped by ``with_tree_rows``."""
         _v2_tree_decoding(via_runner=True)
 
+    def test_v2_tree_runner_decodes_to_dense_greedy_in_full_graph_steps():
+        """The same with every step a uniform decode step (full-width trees) run as a
+        FULL graph replays it: tree attention from ``fill_graph``'s buffers
+        (``graph_forward``), the KV compaction over the caches met at capture."""
+        _v2_tree_decoding(via_runner="graph")
+
 else:
 
     def test_v2_tree_step_through_vllms_kernels_in_the_interpreter():
         run_in_triton_interpreter(__file__, "decodes_to_dense_greedy",
-                                  r"2 passed, \d+ deselected(, \d+ warnings?)? in ",
+                                  r"3 passed, \d+ deselected(, \d+ warnings?)? in ",
                                   one_thread=True)
 
 
