@@ -62,14 +62,21 @@
 # gpu_sweep_h100_2026-12-07b.*); the data leg then found the sweep's orphaned engine cores
 # holding 28 GB (the sweep's engines now end their process groups). The gate drafted
 # nearly every step where plain was faster (why: unmeasured; the skipped step's cost or
-# the gate's learning speed). So the next window: the gate's GPU tests (a skipped step
-# now skips the draft metadata build), the profile at C = 128 of plain / ours-skip /
-# ours-nogate, then the sweep with ours-skip and the gate's skip share:
+# the gate's learning speed). Since then: a skipped step skips the draft metadata build,
+# tree mode captures its attention in the target's FULL graphs, the tree walk is one
+# Triton launch. So the next window: the GPU tests of those changes (the chi-square with
+# the gate and with trees, tree greedy on FULL and PIECEWISE graphs, the SmolLM2 tree
+# pair, the FULL-graph and walk kernels, the tree step on CUDA), the profile at C = 128
+# of plain / ours-skip / ours-nogate, then the sweep (ours-skip, the gate's skip share and
+# trace; ours-tree on FULL graphs against ours-tree-piecewise at C <= 8):
 #   PROFILE=1 PROFILE_CONFIGS="plain ours-skip ours-nogate" PROFILE_ARGS="--concurrency 128" \
-#     TESTS_ALONE=1 TEST_WORKERS=2 TEST_K="gate" KERNELS=0 SCALE=0 SWEEP_ARGS="--configs plain \
-#       upstream ours ours-nogate ours-skip --concurrency 1 8 32 64 128 --temperatures 0 1 \
-#       --repeats 2 --min-seconds 2 --kv-gib 2.5" \
+#     TESTS_ALONE=1 TEST_WORKERS=2 KERNELS=0 SCALE=0 \
+#     TEST_K="(sampled and (gate or tree)) or tree_greedy or decodes_to_dense or walk_over_draws or full_graph" \
+#     SWEEP_ARGS="--configs plain upstream ours ours-nogate ours-skip ours-tree \
+#       ours-tree-piecewise --cap ours-tree=8 ours-tree-piecewise=8 --concurrency 1 8 32 64 \
+#       128 --temperatures 0 1 --repeats 2 --min-seconds 2 --kv-gib 2.5" \
 #     WARM_FROM=models/dspark-smollm2-135m PROBE_SPS=3.3 EVAL_S=240 DEADLINE=... window.sh start
+# (the profile first: ~2.3 min a configuration; drop it if the window is short).
 set -uo pipefail
 export PYTHONPATH=/tmp/site:${PYTHONPATH:-} VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONUNBUFFERED=1
 G=/tmp/gpu; L=$G/window; mkdir -p $L
