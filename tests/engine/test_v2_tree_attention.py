@@ -144,7 +144,7 @@ def test_a_full_graph_of_the_target_attends_trees_as_the_eager_step(monkeypatch)
     graph = ta.graph_rows(max_reqs, n, "cpu")
     graph.context_lens.fill_(7)  # stale values of an earlier, larger step
     graph.causal.fill_(False)
-    ta.fill_graph(graph, step, num_tokens=t)
+    assert ta.fill_graph(graph, step, num_tokens=t)
     ta.set_graph(graph)
     try:
         monkeypatch.setattr(ta, "_capturing", lambda: False)
@@ -162,5 +162,13 @@ def test_a_full_graph_of_the_target_attends_trees_as_the_eager_step(monkeypatch)
     assert len(graph.caches) == 2  # one per kv.clone() above: each call is a new cache
     # A step that is not all full-width trees (a prefill row) leaves the buffers alone.
     before = graph.mask.clone()
-    ta.fill_graph(graph, step, num_tokens=t + 1)
+    assert not ta.fill_graph(graph, step, num_tokens=t + 1)
     assert torch.equal(graph.mask, before)
+    # After a step its buffers go back to causal rows: a replay nobody filled (a batch
+    # of the same size without trees) keeps FlashAttention's output.
+    ta.clear_graph(graph)
+    ta.set_graph(graph)
+    try:
+        assert torch.equal(run(target, t_pad), causal)
+    finally:
+        ta.set_graph(None)

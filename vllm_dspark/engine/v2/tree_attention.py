@@ -140,20 +140,28 @@ def graph_rows(max_reqs: int, n: int, device) -> GraphRows:
         torch.ones(max_reqs * w, dtype=torch.bool, device=device))
 
 
-def fill_graph(g: GraphRows, step: TreeRows, num_tokens: int) -> None:
+def fill_graph(g: GraphRows, step: TreeRows, num_tokens: int) -> bool:
     """Before a step that may replay a FULL graph: when every one of its ``num_tokens``
     query rows is a tree row of a full-width tree (a uniform decode batch, the only kind
     FULL graphs capture), copy ``step``'s masks, lengths and causal rows to the graph's
-    buffers. Rows past the batch (the graph's padding) keep FlashAttention's output and
-    read no context. Another step runs piecewise (``tree_forward``) and leaves them."""
+    buffers and return True. Rows past the batch (the graph's padding) keep
+    FlashAttention's output and read no context. Another step runs piecewise
+    (``tree_forward``) and leaves them. After the step, ``clear_graph``."""
     r, t = step.reqs.shape[0], step.rows.shape[0]
     if t != num_tokens or t != r * g.width or step.mask.shape[1] != g.width:
-        return
+        return False
     g.context_lens[:r] = step.context_lens
     g.context_lens[r:] = 0
     g.mask[:r] = step.mask
     g.causal[:t] = step.causal
     g.causal[t:] = True
+    return True
+
+
+def clear_graph(g: GraphRows) -> None:
+    """Every row back to FlashAttention's output: a replay the next step does not fill
+    (should one run) then attends causally instead of with a past step's trees."""
+    g.causal.fill_(True)
 
 
 def graph_forward(impl, query: torch.Tensor, kv_cache: torch.Tensor, attn_metadata,

@@ -44,6 +44,7 @@ class TreeRun:
     head_size: int  # the target's attention head size (its KV cache layout)
     tokens: torch.Tensor | None = None  # [max_reqs, N] the nodes' tokens (sample_rows)
     graph: tree_attention.GraphRows | None = None  # what FULL target graphs read
+    graph_filled: bool = False  # this step wrote the graph's buffers (cleared after it)
     aux: list | None = None  # the step's aux hidden states (moved with the hidden states)
     active: bool = False  # a tree step is under way (begin .. commit)
     context: torch.Tensor | None = None  # [R] num_computed before the step
@@ -90,7 +91,7 @@ def begin(run: TreeRun, positions: torch.Tensor, query_start_loc: torch.Tensor,
     if not run.active:
         return
     if run.graph is not None:  # the step may replay a FULL graph of the target
-        tree_attention.fill_graph(run.graph, step, num_tokens)
+        run.graph_filled = tree_attention.fill_graph(run.graph, step, num_tokens)
     tree_step.set_tree_positions(positions, query_start_loc, cu_num_logits, idx_mapping,
                                  run.depth, total_logits)
     run.context = num_computed.long()[idx_mapping.long()]
@@ -106,6 +107,9 @@ def end_forward(run: TreeRun, positions: torch.Tensor, total_logits: int) -> Non
     tree_attention.set_step(None)
     if not run.active:
         return
+    if run.graph_filled:
+        tree_attention.clear_graph(run.graph)
+        run.graph_filled = False
     if not run.caches and run.graph is not None and run.graph.caches:
         run.caches = list(run.graph.caches)  # a FULL graph replayed the target
     if not run.caches:  # no target layer went through the wrapped FlashAttention
