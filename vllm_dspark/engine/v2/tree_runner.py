@@ -45,6 +45,10 @@ class TreeRun:
     tokens: torch.Tensor | None = None  # [max_reqs, N] the nodes' tokens (sample_rows)
     graph: tree_attention.GraphRows | None = None  # what FULL target graphs read
     graph_filled: bool = False  # this step wrote the graph's buffers (cleared after it)
+    # The layers' K/V views (3 ops a layer) of the caches they were made from: the
+    # target's caches stay the same tensors from step to step.
+    views: list = field(default_factory=list)
+    views_of: list = field(default_factory=list)
     aux: list | None = None  # the step's aux hidden states (moved with the hidden states)
     active: bool = False  # a tree step is under way (begin .. commit)
     context: torch.Tensor | None = None  # [R] num_computed before the step
@@ -131,8 +135,11 @@ def commit(run: TreeRun, hidden: list[torch.Tensor], total_logits: int) -> None:
     verdict = v[0] if len(v) == 1 else TreeVerdict(
         *(torch.cat([getattr(x, f) for x in v]) for f in
           ("accepted", "num_accepted", "tokens", "num_emitted")))
-    views = [tree_step.flash_attn_kv_views(c, run.head_size) for c in run.caches]
-    tree_step.compact_target_kv(views, run.block_table, run.context, verdict)
+    if len(run.views_of) != len(run.caches) or any(
+            a is not b for a, b in zip(run.views_of, run.caches)):
+        run.views_of = list(run.caches)
+        run.views = [tree_step.flash_attn_kv_views(c, run.head_size) for c in run.caches]
+    tree_step.compact_target_kv(run.views, run.block_table, run.context, verdict)
     tree_step.kept_rows_first(hidden, run.query_start, run.cu_num_logits, verdict,
                               total_logits)
     run.active, run.caches, run.verdicts = False, [], []
