@@ -29,6 +29,31 @@ BLOCK_V = 1024  # vocabulary entries per argmax step
 if triton is not None:
 
     @triton.jit
+    def _load_tree(r, tokens_ptr, parents_ptr, admitted_ptr, N, stride_t, stride_p,
+                   BLOCK_N: tl.constexpr):
+        """Request r's admitted nodes in registers: (node offsets, live, tokens, parents)."""
+        offs_n = tl.arange(0, BLOCK_N)
+        admitted = tl.load(admitted_ptr + r)
+        live = (offs_n < N) & (offs_n < admitted)
+        toks = tl.load(tokens_ptr + r * stride_t + offs_n, mask=live, other=-1)
+        pars = tl.load(parents_ptr + r * stride_p + offs_n, mask=live, other=-2)
+        return offs_n, live, toks, pars
+
+    @triton.jit
+    def _visit(x, step, r, N, cur, num, offs_n, live, toks, pars, accepted_ptr, emitted_ptr,
+               BLOCK_N: tl.constexpr):
+        """One step of the walk at node ``cur`` (-1: the root) with the draw ``x``: emit
+        x, then descend to the admitted child whose token is x (the lowest index if
+        several). Returns (node, accepted count, 1 if descended else 0). At step N no
+        child is left, so the accepted store never leaves the request's row."""
+        child = live & (pars == cur) & (toks == x)
+        found = tl.max(child.to(tl.int32), 0) > 0
+        nxt = tl.min(tl.where(child, offs_n, BLOCK_N), 0)
+        tl.store(emitted_ptr + r * (N + 1) + step, x.to(tl.int64))
+        tl.store(accepted_ptr + r * N + step, nxt.to(tl.int64), mask=found)
+        return tl.where(found, nxt, cur), num + found.to(tl.int32), found.to(tl.int32)
+
+    @triton.jit
     def _tree_accept_kernel(
         logits_ptr, gumbel_ptr, tokens_ptr, parents_ptr, admitted_ptr, temp_ptr,
         accepted_ptr, emitted_ptr, num_ptr,
@@ -37,11 +62,8 @@ if triton is not None:
         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
     ):
         r = tl.program_id(0).to(tl.int64)
-        offs_n = tl.arange(0, BLOCK_N)
-        admitted = tl.load(admitted_ptr + r)
-        live = (offs_n < N) & (offs_n < admitted)
-        toks = tl.load(tokens_ptr + r * N + offs_n, mask=live, other=-1)
-        pars = tl.load(parents_ptr + r * N + offs_n, mask=live, other=-2)
+        offs_n, live, toks, pars = _load_tree(r, tokens_ptr, parents_ptr, admitted_ptr, N,
+                                              N, N, BLOCK_N)
         t = tl.load(temp_ptr + r)
         greedy = t < EPS
         t = tl.where(greedy, 1.0, t)
@@ -67,17 +89,8 @@ if triton is not None:
                     better = blk_max > best  # strict: ties stay with the earlier block
                     best_i = tl.where(better, v0 + blk_arg, best_i)
                     best = tl.maximum(best, blk_max)
-                x = best_i
-                child = live & (pars == cur) & (toks == x)
-                found = tl.max(child.to(tl.int32), 0) > 0
-                nxt = tl.min(tl.where(child, offs_n, BLOCK_N), 0)
-                tl.store(emitted_ptr + r * (N + 1) + step, x.to(tl.int64))
-                if found:
-                    tl.store(accepted_ptr + r * N + step, nxt.to(tl.int64))
-                    num += 1
-                    cur = nxt
-                else:
-                    active = 0
+                cur, num, active = _visit(best_i, step, r, N, cur, num, offs_n, live, toks,
+                                          pars, accepted_ptr, emitted_ptr, BLOCK_N)
         tl.store(num_ptr + r, num.to(tl.int64))
 
 
@@ -91,27 +104,16 @@ if triton is not None:
         # The walk of _tree_accept_kernel over draws made beforehand (one per tree row):
         # no vocabulary pass, one program per request.
         r = tl.program_id(0).to(tl.int64)
-        offs_n = tl.arange(0, BLOCK_N)
-        admitted = tl.load(admitted_ptr + r)
-        live = (offs_n < N) & (offs_n < admitted)
-        toks = tl.load(tokens_ptr + r * stride_tr + offs_n, mask=live, other=-1)
-        pars = tl.load(parents_ptr + r * stride_pr + offs_n, mask=live, other=-2)
+        offs_n, live, toks, pars = _load_tree(r, tokens_ptr, parents_ptr, admitted_ptr, N,
+                                              stride_tr, stride_pr, BLOCK_N)
         cur = -1
         active = 1
         num = 0
         for step in range(0, N + 1):
             if active != 0:
                 x = tl.load(draws_ptr + r * stride_dr + cur + 1)
-                child = live & (pars == cur) & (toks == x)
-                found = tl.max(child.to(tl.int32), 0) > 0
-                nxt = tl.min(tl.where(child, offs_n, BLOCK_N), 0)
-                tl.store(emitted_ptr + r * (N + 1) + step, x.to(tl.int64))
-                if found:
-                    tl.store(accepted_ptr + r * N + step, nxt.to(tl.int64))
-                    num += 1
-                    cur = nxt
-                else:
-                    active = 0
+                cur, num, active = _visit(x, step, r, N, cur, num, offs_n, live, toks, pars,
+                                          accepted_ptr, emitted_ptr, BLOCK_N)
         tl.store(num_ptr + r, num.to(tl.int64))
 
 
@@ -123,17 +125,22 @@ def available(device: torch.device) -> bool:
     return interpreted or device.type == "cuda"
 
 
+def _outputs(r: int, n: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A verdict's buffers before the walk (accepted, emitted: -1; counts: 0)."""
+    if n > MAX_NODES:
+        raise ValueError(f"{n} nodes exceed one program ({MAX_NODES}); use the torch "
+                         "reference")
+    return (torch.full((r, n), -1, dtype=torch.long, device=device),
+            torch.full((r, n + 1), -1, dtype=torch.long, device=device),
+            torch.zeros(r, dtype=torch.long, device=device))
+
+
 @torch.no_grad()
 def tree_accept_triton(logits, tokens, parents, admitted, temperature, gumbel=None) -> TreeVerdict:
     """Same contract as ``ref.tree_accept_ref``; trees of at most MAX_NODES nodes."""
     check_inputs(logits, tokens, parents, admitted, temperature, gumbel)
     r, n = tokens.shape
-    if n > MAX_NODES:
-        raise ValueError(f"{n} nodes exceed one program ({MAX_NODES}); use tree_accept_ref")
-    dev = logits.device
-    accepted = torch.full((r, n), -1, dtype=torch.long, device=dev)
-    emitted = torch.full((r, n + 1), -1, dtype=torch.long, device=dev)
-    num = torch.zeros(r, dtype=torch.long, device=dev)
+    accepted, emitted, num = _outputs(r, n, logits.device)
     if r == 0:
         return TreeVerdict(accepted, num, emitted, num + 1)
     logits = logits if logits.stride(-1) == 1 else logits.contiguous()
@@ -161,12 +168,7 @@ def walk_draws_triton(draws, tokens, parents, admitted) -> TreeVerdict:
         raise ValueError(f"walk_draws needs draws [R, N+1], tokens/parents [R, N], "
                          f"admitted [R]; got {tuple(draws.shape)}, {tuple(tokens.shape)}, "
                          f"{tuple(parents.shape)}, {tuple(admitted.shape)}")
-    if n > MAX_NODES:
-        raise ValueError(f"{n} nodes exceed one program ({MAX_NODES}); use the reference")
-    dev = tokens.device
-    accepted = torch.full((r, n), -1, dtype=torch.long, device=dev)
-    emitted = torch.full((r, n + 1), -1, dtype=torch.long, device=dev)
-    num = torch.zeros(r, dtype=torch.long, device=dev)
+    accepted, emitted, num = _outputs(r, n, tokens.device)
     if r == 0:
         return TreeVerdict(accepted, num, emitted, num + 1)
     draws, tokens, parents = (x.long().contiguous() for x in (draws, tokens, parents))
