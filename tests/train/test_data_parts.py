@@ -287,3 +287,26 @@ def test_train_data_shards_start_one_generator_each_with_its_share(targets, tmp_
     assert all(a[a.index("--gpu-memory-utilization") + 1] == "0.2500" for a in seen)
     meta = ds.read_meta(str(out))
     assert meta["complete"] and [p["index"] for p in meta["parts"]] == [0, 1, 2]
+
+
+def test_a_shard_starting_beside_another_finds_its_recipe(targets, tmp_path, fake_vllm,
+                                                         evalset, monkeypatch):
+    """The meta (with the recipe) is on disk before the first part, so a shard that
+    starts while another has written parts but no meta entry for them yet does not take
+    them for parts of an unknown recipe (seen in CI, two shards in threads)."""
+    out = tmp_path / "data"
+    seen = []
+    answer = fake_vllm.generate
+
+    def generate_checking_meta(self, prompts, params, use_tqdm=False):
+        seen.append(ds.read_meta(str(out)) is not None)
+        return answer(self, prompts, params, use_tqdm)
+
+    monkeypatch.setattr(fake_vllm, "generate", generate_checking_meta)
+    generate(_args(targets["qwen3"], out, evalset, shard=(0, 2)))
+    assert seen and all(seen)
+    # Shard 0 mid-run: its parts on disk, the meta still as it started (no parts).
+    meta = ds.read_meta(str(out))
+    ds.write_meta(str(out), dict(meta, parts=[], runs=[]))
+    second = generate(_args(targets["qwen3"], out, evalset, shard=(1, 2)))
+    assert [p["index"] for p in second["parts"]] == [1] and not second["complete"]

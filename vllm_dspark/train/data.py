@@ -153,37 +153,43 @@ def generate(args: argparse.Namespace) -> dict:
     skip, excluded = excluded_info(args.exclude_prompts)
     recipe = recipe_of(args, excluded["sha256"])
     started = time.time()
-    meta, done = ds.read_meta(out), ds.complete_parts(out)
-    if meta is None and done:
-        raise ds.DataError(f"{out} holds parts but no {ds.META_NAME}: their recipe is "
-                           f"unknown. Carry {ds.META_NAME} with the parts, or use a new "
-                           "directory.")
+    with ds.meta_lock(out):
+        meta, done = ds.read_meta(out), ds.complete_parts(out)
+        if meta is None and done:
+            raise ds.DataError(f"{out} holds parts but no {ds.META_NAME}: their recipe is "
+                               f"unknown. Carry {ds.META_NAME} with the parts, or use a new "
+                               "directory.")
+        if meta is None:
+            # The recipe goes to disk before any part: a shard starting beside this one
+            # (train --data-shards) would otherwise find this one's first parts without a
+            # meta and refuse them as parts of an unknown recipe.
+            meta = {"format": "vllm-dspark training data, parts v1", "recipe": recipe,
+                    "excluded": excluded, "parts": []}
+            ds.write_meta(out, meta)
     if meta is not None and meta.get("recipe") != recipe:
         old = meta.get("recipe") or {}
         diff = sorted(k for k in recipe if old.get(k) != recipe[k])
         raise ds.DataError(f"{out} was generated with another recipe (differs in: "
                            f"{', '.join(diff)}); use a new directory, or the same options.")
     # The plan only grows: a smaller --num-samples than an earlier run's keeps every part.
-    num_samples = max(args.num_samples, (meta or {}).get("num_samples", 0))
+    num_samples = max(args.num_samples, meta.get("num_samples", 0))
     num_parts = -(-num_samples // args.part_rows)
 
     def planned(k: int) -> int:  # prompts part k asks for (the last part may be short)
         return min(args.part_rows, num_samples - k * args.part_rows)
 
     # A part written as a short last part is redone when the plan has grown past it.
-    short = {p["index"] for p in (meta or {}).get("parts", [])
+    short = {p["index"] for p in meta.get("parts", [])
              if p.get("planned", args.part_rows) < planned(p["index"])}
     done -= short
-    if meta is not None:  # a part renamed into place whose meta entry was never written
-        done &= {p["index"] for p in meta.get("parts", [])}
+    # A part renamed into place whose meta entry was never written (or not yet: another
+    # shard's) is not done.
+    done &= {p["index"] for p in meta.get("parts", [])}
     shard, shards = getattr(args, "shard", (0, 1))
     # Shard i of n generates the missing parts k with k % n == i (one engine each, side by
     # side on one GPU: a small target leaves a single engine host-bound).
     missing = {k for k in range(num_parts) if k not in done}  # every shard's work
     todo = sorted(k for k in missing if k % shards == shard)
-    if meta is None:
-        meta = {"format": "vllm-dspark training data, parts v1", "recipe": recipe,
-                "excluded": excluded, "parts": []}
     meta["parts"] = [p for p in meta["parts"] if p["index"] in done]
     meta.update(target=os.path.abspath(args.target), num_samples=num_samples,
                 num_parts=num_parts, source=recipe["source"], prompts=args.prompts)
