@@ -28,7 +28,6 @@ def _scheduler_mode(spec) -> str | None:
     pair (benchmarks/results/gpu_sweep_h200_long.json), vLLM 0.32's device-side budget
     machinery costs more per step than the verification it saves, at every concurrency
     (0.61-0.78 of no speculation against 0.87-1.09 for full-γ verification)."""
-
     from vllm_dspark.schedule.verification import SCHEDULER_ENV, read_settings
 
     if not os.environ.get(SCHEDULER_ENV, "").strip():
@@ -142,7 +141,6 @@ def gate_choice(spec) -> str | None:
     Default on since its GPU tests passed (H100, 2026-12-07: greedy equal to plain with
     the reference drafts, chi-square at T = 1); swept on an H100, 1.09× the always-
     drafting default in geometric mean over 13 cells (benchmarks/README.md)."""
-
     from vllm_dspark.schedule.verification import DRAFT_COST_ENV, SCHEDULER_ENV, _draft_cost
 
     raw = os.environ.get(DRAFT_COST_ENV, "").strip().lower()
@@ -290,8 +288,8 @@ GATE_TRACE_ENV = "VLLM_DSPARK_GATE_TRACE"
 
 def tree_mode(environ=None) -> bool:
     """``VLLM_DSPARK_TREE``: ``off`` (the default: chains) or ``on`` (draft trees of γ
-    nodes on the V2 runner, issue 17; not yet run on a GPU)."""
-
+    nodes on the V2 runner, issue 17; experimental: run on an H100, far slower than
+    chains so far)."""
     from vllm_dspark.config import DSparkConfigError
 
     value = (environ if environ is not None else os.environ).get(TREE_ENV, "").strip()
