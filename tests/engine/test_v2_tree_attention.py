@@ -94,6 +94,33 @@ def test_tree_rows_get_tree_attention_and_the_rest_stays_causal(monkeypatch):
         torch.testing.assert_close(o.view(t, H, D), out)
 
 
+def test_tree_rows_from_host_counts_equal_the_read_back_and_read_nothing(monkeypatch):
+    """With V2's host-side logits counts (``cu_num_logits_np``) the tree requests are
+    picked on the host: the same rows, masks and causal rows as the device read-back
+    (``nonzero``, a host sync each step), for a mixed step and for a step of trees only,
+    and no ``nonzero`` runs."""
+    parents = torch.tensor([[-1, 0, 1, 0], [-1, -1, 0, 2], [-1, 0, -1, 1]])  # by state
+    num_computed = torch.tensor([4, 7, 2])
+    idx = torch.tensor([2, 0, 1], dtype=torch.int32)
+    for query_len, num_logits in (([5, 6, 3], [5, 1, 3]), ([5, 2, 4], [5, 2, 4]),
+                                  ([1, 6, 1], [1, 1, 1])):
+        qsl = torch.tensor([0] + query_len).cumsum(0).int()
+        cu = torch.tensor([0] + num_logits).cumsum(0).int()
+        want = ta.tree_rows(qsl, cu, idx, num_computed, parents)
+        real = torch.Tensor.nonzero
+        monkeypatch.setattr(torch.Tensor, "nonzero", lambda *a, **k: 1 / 0)
+        try:
+            got = ta.tree_rows(qsl, cu, idx, num_computed, parents,
+                               cu_num_logits_host=cu.numpy())
+        finally:
+            monkeypatch.setattr(torch.Tensor, "nonzero", real)
+        if want is None:
+            assert got is None
+            continue
+        for f in ("rows", "reqs", "query_start", "context_lens", "mask", "causal"):
+            assert torch.equal(getattr(got, f), getattr(want, f)), (num_logits, f)
+
+
 def test_a_full_graph_of_the_target_attends_trees_as_the_eager_step(monkeypatch):
     """FULL CUDA graphs capture ``graph_forward`` (every row of the padded batch, from the
     buffers ``fill_graph`` wrote): a uniform step of full-width trees comes out as the

@@ -135,7 +135,7 @@ def _v2_tree_decoding(via_runner=False):
         slots = chain_slots(table, rows, query_start, positions, total)
         if via_runner:
             tree_runner.begin(run, positions, query_start, cu_num_logits, idx, num_computed,
-                              table, total, int(query_start[r]))
+                              table, total, int(query_start[r]), cu_num_logits.cpu().numpy())
         else:
             tree_step.set_tree_positions(positions, query_start, cu_num_logits, idx, depth,
                                          total)
@@ -331,16 +331,31 @@ def test_a_masked_batch_row_files_into_the_spare_row():
     assert run.tokens[3].tolist() == [6, 7] and run.tokens[2].tolist() == [9, 4]
 
 
-def test_kv_compaction_checks_its_inputs_at_the_first_layer_only(monkeypatch):
+def test_tree_commits_compact_every_layer_in_one_call_checked_in_the_first_step(monkeypatch):
     """The layers share every input but the caches, and a check reads values back to the
-    host: ``compact_target_kv`` checks once a step, not once a layer."""
-    flags = []
-    monkeypatch.setattr(tree_step, "compact_kv",
-                        lambda *a, check=True: flags.append((a[0], check)))
-    caches = [(torch.zeros(2, BS, KV_HEADS, HD), torch.zeros(2, BS, KV_HEADS, HD))
-              for _ in range(3)]
-    verdict = SimpleNamespace(accepted=torch.tensor([[0, 1, -1]]),
-                              num_accepted=torch.tensor([1]))
-    tree_step.compact_target_kv(caches, torch.tensor([[0, 1]]), torch.tensor([2]), verdict)
-    assert [c for _, c in flags] == [True, False, False]
-    assert all(k is kv[0] for (k, _), kv in zip(flags, caches))
+    host: a tree step compacts all its layers in one call (one launch), with the views'
+    layer offsets made once for the run, and checks the inputs in the run's first step
+    only."""
+    calls = []
+    monkeypatch.setattr(tree_step, "compact_kv_layers",
+                        lambda views, *a, offsets=None, check=True:
+                        calls.append((views, offsets, check)))
+    run = tree_runner.new_run(2, 2, HD, "cpu")
+    caches = [torch.zeros(2, KV_HEADS, BS, 2 * HD) for _ in range(3)]
+    for _ in range(3):
+        hidden = torch.zeros(3, 4)
+        run.active, run.caches, run.aux = True, list(caches), None
+        run.verdicts = [SimpleNamespace(accepted=torch.tensor([[0, -1]]),
+                                        num_accepted=torch.tensor([1]),
+                                        tokens=torch.tensor([[5, 6, -1]]),
+                                        num_emitted=torch.tensor([2]))]
+        run.block_table, run.context = torch.tensor([[0, 1]]), torch.tensor([2])
+        run.query_start = run.cu_num_logits = torch.tensor([0, 3])
+        tree_runner.commit(run, [hidden], 3)
+    assert [c for _, _, c in calls] == [True, False, False]
+    views, offsets, _ = calls[0]
+    assert len(views) == 3 and all(o is offsets for _, o, _ in calls)
+    for (k, v), kv in zip(views, caches):
+        assert k.data_ptr() == kv.data_ptr() and v.data_ptr() == kv.data_ptr() + HD * 4
+    assert offsets.tolist() == [[(kv.data_ptr() - caches[0].data_ptr()) // 4 + HD * j
+                                 for j in (0, 1)] for kv in caches]

@@ -85,6 +85,20 @@ def test_the_compacted_chain_attends_as_the_tree_did():
             torch.testing.assert_close(after, want, atol=1e-6, rtol=1e-6)
 
 
+def test_layer_offsets_refuse_layers_of_another_layout():
+    from vllm_dspark.engine.v2.tree_step import flash_attn_kv_views
+    from vllm_dspark.kernels.kv_compact import layer_offsets
+
+    a, b = torch.zeros(3, 2, 4, 16), torch.zeros(3, 2, 4, 16)
+    offsets = layer_offsets([flash_attn_kv_views(a, 8), flash_attn_kv_views(b, 8)])
+    assert offsets.tolist() == [[0, 8], [(b.data_ptr() - a.data_ptr()) // 4,
+                                         (b.data_ptr() - a.data_ptr()) // 4 + 8]]
+    with pytest.raises(ValueError, match="layer 1's caches differ"):
+        layer_offsets([flash_attn_kv_views(a, 8), flash_attn_kv_views(torch.zeros(4, 2, 4, 16), 8)])
+    with pytest.raises(ValueError, match="layer 1's caches differ"):
+        layer_offsets([flash_attn_kv_views(a, 8), flash_attn_kv_views(b.half(), 8)])
+
+
 def test_bad_inputs_are_refused():
     args, _ = case(0)
     kept, num = accepted_paths(args, 0)
@@ -102,7 +116,7 @@ if not RUN_KERNEL:
 
     def test_in_triton_interpreter():
         run_in_triton_interpreter(__file__, "kernel_",
-                                  r"3 passed, \d+ deselected(, \d+ warnings?)? in ",
+                                  r"4 passed, \d+ deselected(, \d+ warnings?)? in ",
                                   one_thread=True)
 
 else:
@@ -123,3 +137,27 @@ else:
             compact_kv_triton(k, v, args["block_table"].to(DEVICE),
                               args["context_lens"].to(DEVICE), kept.to(DEVICE), num.to(DEVICE))
             assert torch.equal(k.cpu(), want_k) and torch.equal(v.cpu(), want_v)
+
+    def test_kernel_on_many_layers_equals_the_reference_per_layer():
+        """Every layer in one launch (``compact_kv_layers``): vLLM's FlashAttention layout,
+        K and V as strided views of one tensor per layer, layers in separate tensors."""
+        from vllm_dspark.engine.v2.tree_step import flash_attn_kv_views
+        from vllm_dspark.kernels.kv_compact import compact_kv_layers, layer_offsets
+
+        for seed in range(2):
+            args, _ = case(seed, d=16)
+            kept, num = accepted_paths(args, seed)
+            g = torch.Generator().manual_seed(seed)
+            blocks, bs, heads, d = args["k_cache"].shape
+            layers = [torch.randn(blocks, heads, bs, 2 * d, generator=g) for _ in range(3)]
+            want = [x.clone() for x in layers]
+            for x in want:
+                k, v = flash_attn_kv_views(x, d)
+                compact_kv_ref(k, v, args["block_table"], args["context_lens"], kept, num)
+            got = [x.to(DEVICE) for x in layers]
+            views = [flash_attn_kv_views(x, d) for x in got]
+            compact_kv_layers(views, args["block_table"].to(DEVICE),
+                              args["context_lens"].to(DEVICE), kept.to(DEVICE),
+                              num.to(DEVICE), offsets=layer_offsets(views))
+            for x, w in zip(got, want):
+                assert torch.equal(x.cpu(), w)

@@ -29,7 +29,7 @@ import torch
 
 from vllm_dspark.decode.tree_attention import ancestor_mask, tree_positions
 from vllm_dspark.decode.tree_verify import TreeVerdict, kept_rows
-from vllm_dspark.kernels.kv_compact import compact_kv
+from vllm_dspark.kernels.kv_compact import compact_kv_layers
 
 
 @dataclass
@@ -73,7 +73,7 @@ def commit_tree(verdict: TreeVerdict, num_computed: torch.Tensor, k_caches, v_ca
     contiguous slots) and return (the new num_computed, the next roots = the bonus)."""
     kept = kept_rows(verdict)
     num_kept = verdict.num_accepted + 1
-    for k, v in zip(k_caches, v_caches):
-        compact_kv(k, v, block_table, num_computed.long(), kept.clamp(min=0), num_kept)
+    compact_kv_layers(list(zip(k_caches, v_caches)), block_table, num_computed.long(),
+                      kept.clamp(min=0), num_kept)  # every layer in one launch
     bonus = verdict.tokens.gather(1, verdict.num_accepted[:, None]).squeeze(1)
     return num_computed.long() + num_kept, bonus

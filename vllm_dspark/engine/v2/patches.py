@@ -331,7 +331,7 @@ def verify_trees_on_v2() -> None:
                                   input_batch.cu_num_logits, input_batch.idx_mapping,
                                   self.req_states.num_computed_tokens.gpu, out[0][0],
                                   int(input_batch.cu_num_logits_np[-1]),
-                                  input_batch.num_tokens)
+                                  input_batch.num_tokens, input_batch.cu_num_logits_np)
             return out
         return patched
 

@@ -17,8 +17,9 @@ per-step buffers before the target's forward, and cleared after it, so the draft
 attention, which runs later in the step, is never touched). ``with_tree_rows`` wraps an
 attention implementation's ``forward``; ``verify_trees_on_v2`` (engine/v2/patches.py)
 installs it on ``FlashAttentionImpl``, and ``tree_runner.begin`` sets the step.
-``tree_rows`` reads shapes back to the host (``nonzero``): it serves eager
-(piecewise-graphed) target steps.
+``tree_rows`` picks the tree requests from V2's host-side logits counts (no read-back
+from the device): it serves eager (piecewise-graphed) target steps and fills the FULL
+graphs' buffers.
 
 FULL CUDA graphs of the target (uniform decode steps: every request verifies a tree of
 N nodes, N + 1 rows) capture the wrapper's other path, ``graph_forward``: the same
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from vllm_dspark.decode.tree_attention import ancestor_mask
@@ -51,7 +53,7 @@ class TreeRows:
     # path): causal attention is already theirs, so FlashAttention's output stays there.
     causal: torch.Tensor
     caches: list | None = None  # if a list: each layer's KV cache is appended to it
-    checked: bool = False  # inputs checked at the step's first layer (the rest share them)
+    checked: bool = False  # inputs checked (the run's first tree step, its first layer)
     # The tree requests' block table rows, gathered at the first layer that reads this
     # block table (every layer of a KV cache group shares it), and its source.
     table: torch.Tensor | None = None
@@ -60,39 +62,70 @@ class TreeRows:
 
 def tree_rows(query_start_loc: torch.Tensor, cu_num_logits: torch.Tensor,
               idx_mapping: torch.Tensor, num_computed: torch.Tensor,
-              parents: torch.Tensor, total_logits: int | None = None) -> TreeRows | None:
+              parents: torch.Tensor, total_logits: int | None = None,
+              cu_num_logits_host: np.ndarray | None = None) -> TreeRows | None:
     """The step's tree requests: those with drafts (more than one logits row), whose
     logits rows are their whole query [root, admitted nodes]. ``num_computed`` and
     ``parents`` [max_reqs, N] by request state; the rest by batch row. None: no tree.
     ``total_logits``: the step's logits rows where the caller knows it on the host
-    (V2's ``cu_num_logits_np``), else read back from ``cu_num_logits``."""
+    (V2's ``cu_num_logits_np``), else read back from ``cu_num_logits``.
+
+    ``cu_num_logits_host`` (V2's ``cu_num_logits_np``): the same counts on the host,
+    which pick the tree requests without reading the device back. Without it the
+    picking (``nonzero``) syncs the host with the device, stalling the launches queued
+    behind it, once a step."""
     num_logits = (cu_num_logits[1:] - cu_num_logits[:-1]).long()
-    reqs = (num_logits > 1).nonzero().flatten()
-    if reqs.numel() == 0:
-        return None
-    n = num_logits[reqs]
-    query_start = torch.zeros(reqs.numel() + 1, dtype=torch.int64, device=n.device)
-    query_start[1:] = n.cumsum(0)
     if total_logits is None:
         total_logits = int(cu_num_logits[-1])
     b, j, row = logits_rows(query_start_loc, cu_num_logits, total_logits)
-    sel = (num_logits[b] > 1).nonzero().flatten()  # tree requests' logits rows
-    rows = row[sel]  # request by request, in batch order
+    dev = num_logits.device
+    if cu_num_logits_host is None:
+        reqs = (num_logits > 1).nonzero().flatten()
+        if reqs.numel() == 0:
+            return None
+        sel = (num_logits[b] > 1).nonzero().flatten()  # tree requests' logits rows
+    else:
+        counts = np.diff(np.asarray(cu_num_logits_host, dtype=np.int64))
+        tree = counts > 1
+        if not tree.any():
+            return None
+        if tree.all():  # every request verifies a tree (steady decoding): all rows
+            reqs = torch.arange(counts.shape[0], device=dev)
+            sel = None
+        else:
+            reqs = _to_device(np.flatnonzero(tree), dev)
+            sel = _to_device(np.flatnonzero(np.repeat(tree, counts)), dev)
+    n = num_logits[reqs]
+    query_start = torch.zeros(reqs.shape[0] + 1, dtype=torch.int64, device=dev)
+    query_start[1:] = n.cumsum(0)
+    rows = row if sel is None else row[sel]  # request by request, in batch order
     states = idx_mapping.long()[reqs]
     mask = ancestor_mask(parents[states])
     # Nodes past a request's admitted count are not in its query: they see nothing here.
-    live = torch.arange(mask.shape[1], device=n.device)[None, :] < n[:, None]
+    live = torch.arange(mask.shape[1], device=dev)[None, :] < n[:, None]
     mask = mask & live[:, :, None] & live[:, None, :]
     # A row that sees every row up to itself is a causal row: FlashAttention computed it
     # as the chain (and plain decoding) would, to the bit; only side branches differ.
     m = mask.shape[1]
-    earlier = torch.ones(m, m, dtype=torch.bool, device=n.device).tril()
+    earlier = torch.ones(m, m, dtype=torch.bool, device=dev).tril()
     causal_rows = (mask | ~earlier).all(-1)  # [R', N+1]
-    tree_index = torch.cumsum(num_logits > 1, 0) - 1  # batch row -> index in reqs
-    causal = causal_rows[tree_index[b[sel]], j[sel]]
+    if sel is None:
+        causal = causal_rows[b, j]
+    else:
+        tree_index = torch.cumsum(num_logits > 1, 0) - 1  # batch row -> index in reqs
+        causal = causal_rows[tree_index[b[sel]], j[sel]]
     # In the dtypes the kernel reads, once a step rather than once a layer.
     return TreeRows(rows, reqs, query_start, num_computed.long()[states].contiguous(),
                     mask.to(torch.int8).contiguous(), causal)
+
+
+def _to_device(a: np.ndarray, device) -> torch.Tensor:
+    """Host indices onto ``device`` without waiting for it: a copy from pageable memory
+    would wait for the work queued before it; from pinned memory it is queued too."""
+    t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64))
+    if torch.device(device).type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def tree_forward(impl, query: torch.Tensor, kv_cache: torch.Tensor, attn_metadata,

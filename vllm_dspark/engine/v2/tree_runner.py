@@ -33,6 +33,7 @@ import torch
 
 from vllm_dspark.decode.tree_verify import TreeVerdict
 from vllm_dspark.engine.v2 import tree_attention, tree_step
+from vllm_dspark.kernels.kv_compact import layer_offsets
 
 
 @dataclass
@@ -49,6 +50,11 @@ class TreeRun:
     # target's caches stay the same tensors from step to step.
     views: list = field(default_factory=list)
     views_of: list = field(default_factory=list)
+    offsets: torch.Tensor | None = None  # the views' layer_offsets (kernels.kv_compact)
+    # Tree steps committed. The inputs the step's kernels share (block table, lengths,
+    # masks, kept rows) are checked in the first only: each check reads values back to
+    # the host, a sync that would stall every step's launches.
+    steps: int = 0
     aux: list | None = None  # the step's aux hidden states (moved with the hidden states)
     active: bool = False  # a tree step is under way (begin .. commit)
     context: torch.Tensor | None = None  # [R] num_computed before the step
@@ -86,14 +92,17 @@ def store_tree(run: TreeRun, idx_mapping: torch.Tensor, parents: torch.Tensor,
 def begin(run: TreeRun, positions: torch.Tensor, query_start_loc: torch.Tensor,
           cu_num_logits: torch.Tensor, idx_mapping: torch.Tensor,
           num_computed: torch.Tensor, block_table: torch.Tensor, total_logits: int,
-          num_tokens: int) -> None:
+          num_tokens: int, cu_num_logits_host=None) -> None:
     """Step 1 (module doc). ``num_computed`` by request state, not yet advanced;
-    ``num_tokens`` the step's query rows (host-side)."""
+    ``num_tokens`` the step's query rows and ``cu_num_logits_host`` (V2's
+    ``cu_num_logits_np``) its logits counts, host-side."""
     step = tree_attention.tree_rows(query_start_loc, cu_num_logits, idx_mapping,
-                                    num_computed, run.parents, total_logits)
+                                    num_computed, run.parents, total_logits,
+                                    cu_num_logits_host)
     run.active = step is not None
     if not run.active:
         return
+    step.checked = run.steps > 0  # the tree attention's inputs: checked in the first step
     if run.graph is not None:  # the step may replay a FULL graph of the target
         run.graph_filled = tree_attention.fill_graph(run.graph, step, num_tokens)
     tree_step.set_tree_positions(positions, query_start_loc, cu_num_logits, idx_mapping,
@@ -139,7 +148,10 @@ def commit(run: TreeRun, hidden: list[torch.Tensor], total_logits: int) -> None:
             a is not b for a, b in zip(run.views_of, run.caches)):
         run.views_of = list(run.caches)
         run.views = [tree_step.flash_attn_kv_views(c, run.head_size) for c in run.caches]
-    tree_step.compact_target_kv(run.views, run.block_table, run.context, verdict)
+        run.offsets = layer_offsets(run.views)
+    tree_step.compact_target_kv(run.views, run.block_table, run.context, verdict,
+                                offsets=run.offsets, check=run.steps == 0)
+    run.steps += 1
     tree_step.kept_rows_first(hidden, run.query_start, run.cu_num_logits, verdict,
                               total_logits)
     run.active, run.caches, run.verdicts = False, [], []

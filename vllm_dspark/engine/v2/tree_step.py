@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 
 from vllm_dspark.decode.tree_verify import TreeVerdict, kept_rows
-from vllm_dspark.kernels.kv_compact import compact_kv
+from vllm_dspark.kernels.kv_compact import compact_kv_layers
 from vllm_dspark.kernels.tree_accept import walk_draws  # one launch on a GPU
 
 
@@ -110,18 +110,19 @@ def flash_attn_kv_views(kv_cache: torch.Tensor, head_size: int
 
 def compact_target_kv(kv_views: list[tuple[torch.Tensor, torch.Tensor]],
                       block_table: torch.Tensor, context_lens: torch.Tensor,
-                      verdict: TreeVerdict) -> None:
+                      verdict: TreeVerdict, offsets: torch.Tensor | None = None,
+                      check: bool = True) -> None:
     """Each target layer's K/V of the kept rows into slots context_lens + 0, 1, ..
-    (``kernels.kv_compact``). ``kv_views``: per layer (K, V) [blocks, block_size,
-    kv_heads, head_dim] (``flash_attn_kv_views``); ``block_table``/``context_lens`` by
-    batch row; ``context_lens`` = num_computed before the step's update (the root's
-    position)."""
+    (``kernels.kv_compact``), all layers in one launch. ``kv_views``: per layer (K, V)
+    [blocks, block_size, kv_heads, head_dim] (``flash_attn_kv_views``); ``offsets``
+    their ``layer_offsets`` where the caller keeps them; ``block_table``/``context_lens``
+    by batch row; ``context_lens`` = num_computed before the step's update (the root's
+    position). ``check`` reads the shared inputs back to the host once (a sync: the
+    runner checks its first tree step only)."""
     kept = kept_rows(verdict).clamp(min=0)
     num_kept = verdict.num_accepted + 1
-    # The layers share every input but the caches (one shape): checked at the first only,
-    # as each check reads values back to the host.
-    for i, (k, v) in enumerate(kv_views):
-        compact_kv(k, v, block_table, context_lens.long(), kept, num_kept, check=i == 0)
+    compact_kv_layers(kv_views, block_table, context_lens.long(), kept, num_kept,
+                      offsets=offsets, check=check)
 
 
 def tree_sample(logits: torch.Tensor, cu_num_logits: torch.Tensor, idx_mapping: torch.Tensor,
