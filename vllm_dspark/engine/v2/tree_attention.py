@@ -63,7 +63,7 @@ class TreeRows:
 def tree_rows(query_start_loc: torch.Tensor, cu_num_logits: torch.Tensor,
               idx_mapping: torch.Tensor, num_computed: torch.Tensor,
               parents: torch.Tensor, total_logits: int | None = None,
-              cu_num_logits_host: np.ndarray | None = None) -> TreeRows | None:
+              cu_num_logits_host: np.ndarray | None = None, rows=None) -> TreeRows | None:
     """The step's tree requests: those with drafts (more than one logits row), whose
     logits rows are their whole query [root, admitted nodes]. ``num_computed`` and
     ``parents`` [max_reqs, N] by request state; the rest by batch row. None: no tree.
@@ -73,11 +73,11 @@ def tree_rows(query_start_loc: torch.Tensor, cu_num_logits: torch.Tensor,
     ``cu_num_logits_host`` (V2's ``cu_num_logits_np``): the same counts on the host,
     which pick the tree requests without reading the device back. Without it the
     picking (``nonzero``) syncs the host with the device, stalling the launches queued
-    behind it, once a step."""
+    behind it, once a step. ``rows``: the step's ``logits_rows`` if the caller has them."""
     num_logits = (cu_num_logits[1:] - cu_num_logits[:-1]).long()
     if total_logits is None:
         total_logits = int(cu_num_logits[-1])
-    b, j, row = logits_rows(query_start_loc, cu_num_logits, total_logits)
+    b, j, row = rows or logits_rows(query_start_loc, cu_num_logits, total_logits)
     dev = num_logits.device
     if cu_num_logits_host is None:
         reqs = (num_logits > 1).nonzero().flatten()

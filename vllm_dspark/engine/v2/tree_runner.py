@@ -61,6 +61,7 @@ class TreeRun:
     block_table: torch.Tensor | None = None  # [R, blocks] (the target's KV group)
     query_start: torch.Tensor | None = None
     cu_num_logits: torch.Tensor | None = None
+    rows: tuple | None = None  # the step's tree_step.logits_rows (b, j, query row)
     caches: list = field(default_factory=list)  # target layers' KV caches, this step
     verdicts: list = field(default_factory=list)  # one per sampler chunk
 
@@ -96,17 +97,21 @@ def begin(run: TreeRun, positions: torch.Tensor, query_start_loc: torch.Tensor,
     """Step 1 (module doc). ``num_computed`` by request state, not yet advanced;
     ``num_tokens`` the step's query rows and ``cu_num_logits_host`` (V2's
     ``cu_num_logits_np``) its logits counts, host-side."""
+    # Each logits row's (batch row, index in its request, query row), which every brick
+    # of the step reads: made once (~10 small ops each time).
+    rows = tree_step.logits_rows(query_start_loc, cu_num_logits, total_logits)
     step = tree_attention.tree_rows(query_start_loc, cu_num_logits, idx_mapping,
                                     num_computed, run.parents, total_logits,
-                                    cu_num_logits_host)
+                                    cu_num_logits_host, rows)
     run.active = step is not None
     if not run.active:
         return
+    run.rows = rows
     step.checked = run.steps > 0  # the tree attention's inputs: checked in the first step
     if run.graph is not None:  # the step may replay a FULL graph of the target
         run.graph_filled = tree_attention.fill_graph(run.graph, step, num_tokens)
     tree_step.set_tree_positions(positions, query_start_loc, cu_num_logits, idx_mapping,
-                                 run.depth, total_logits)
+                                 run.depth, total_logits, rows)
     run.context = num_computed.long()[idx_mapping.long()]
     run.block_table = block_table
     run.query_start, run.cu_num_logits = query_start_loc, cu_num_logits
@@ -132,7 +137,7 @@ def end_forward(run: TreeRun, positions: torch.Tensor, total_logits: int) -> Non
             "attention backend (no tree rows were attended in this step); start the "
             "engine with attention_backend='FLASH_ATTN', or unset VLLM_DSPARK_TREE.")
     tree_step.set_chain_positions(positions, run.query_start, run.cu_num_logits,
-                                  total_logits)
+                                  total_logits, run.rows)
 
 
 def commit(run: TreeRun, hidden: list[torch.Tensor], total_logits: int) -> None:
@@ -153,7 +158,7 @@ def commit(run: TreeRun, hidden: list[torch.Tensor], total_logits: int) -> None:
                                 offsets=run.offsets, check=run.steps == 0)
     run.steps += 1
     tree_step.kept_rows_first(hidden, run.query_start, run.cu_num_logits, verdict,
-                              total_logits)
+                              total_logits, run.rows)
     run.active, run.caches, run.verdicts = False, [], []
 
 

@@ -57,11 +57,12 @@ def logits_rows(query_start_loc: torch.Tensor, cu_num_logits: torch.Tensor,
 
 def set_tree_positions(positions: torch.Tensor, query_start_loc: torch.Tensor,
                        cu_num_logits: torch.Tensor, idx_mapping: torch.Tensor,
-                       depth: torch.Tensor, total_logits: int) -> None:
+                       depth: torch.Tensor, total_logits: int, rows=None) -> None:
     """In place: node row j ≥ 1 of each request gets the root's position + the depth of
     node j - 1 (``depth`` [max_reqs, N] by request state, as ``draft_tokens``). Call
-    after the slot mapping, which must keep the chain's per-row slots."""
-    b, j, row = logits_rows(query_start_loc, cu_num_logits, total_logits)
+    after the slot mapping, which must keep the chain's per-row slots. ``rows``: this
+    step's ``logits_rows`` where the caller keeps them (here and below)."""
+    b, j, row = rows or logits_rows(query_start_loc, cu_num_logits, total_logits)
     node = j >= 1
     d = depth[idx_mapping.long()[b].clamp(min=0), (j - 1).clamp(min=0)]
     root = positions[row - j]
@@ -69,21 +70,21 @@ def set_tree_positions(positions: torch.Tensor, query_start_loc: torch.Tensor,
 
 
 def set_chain_positions(positions: torch.Tensor, query_start_loc: torch.Tensor,
-                        cu_num_logits: torch.Tensor, total_logits: int) -> None:
+                        cu_num_logits: torch.Tensor, total_logits: int, rows=None) -> None:
     """In place, after the forward: back to the chain's positions (root + j). The kept
     path is then where a chain would have been, positions included (node at depth i
     sits at row i after ``kept_rows_first``)."""
-    b, j, row = logits_rows(query_start_loc, cu_num_logits, total_logits)
+    b, j, row = rows or logits_rows(query_start_loc, cu_num_logits, total_logits)
     positions[row] = positions[row - j] + j.to(positions.dtype)
 
 
 def kept_rows_first(tensors: list[torch.Tensor], query_start_loc: torch.Tensor,
                     cu_num_logits: torch.Tensor, verdict: TreeVerdict,
-                    total_logits: int) -> None:
+                    total_logits: int, rows=None) -> None:
     """In place on each [T, ...] tensor (hidden states, aux hidden states): request b's
     logits row j takes the row of its j-th kept tree row, for j < 1 + accepted. What V2's
     drafter reads as the accepted context is then the root and the path, in order."""
-    b, j, row = logits_rows(query_start_loc, cu_num_logits, total_logits)
+    b, j, row = rows or logits_rows(query_start_loc, cu_num_logits, total_logits)
     kept = kept_rows(verdict)  # [R, N+1], -1 after the path
     live = j < verdict.num_accepted[b] + 1
     src = torch.where(live, row - j + kept[b, j.clamp(max=kept.shape[1] - 1)].clamp(min=0),
