@@ -13,6 +13,8 @@
 #   bash benchmarks/gpu/session.sh both-bg ARGS    # there: the GPU tests and the sweep side by side
 #   bash benchmarks/gpu/session.sh grab [s]        # there: wait on the chain, copy back its output
 #   bash benchmarks/gpu/session.sh profile         # there: one decode round's breakdown at c = 1
+#   bash benchmarks/gpu/session.sh kernel-tests    # there, on a bare machine (no parts, no vLLM):
+#                                                  # the Triton kernels against their references
 #   bash benchmarks/gpu/session.sh wait NAME [s]   # there: poll a background job, copy its output
 #
 # Issue 19 (nvidia-h200-x2, TP = 2): the same steps, then
@@ -74,6 +76,15 @@ tests-bg)
     -v -rs -p no:cacheprovider \
     "$@" > $G/tests.log 2>&1 < /dev/null &
   echo $! > $G/tests.pid ;;
+kernel-tests)
+  # The kernels need torch and Triton only, which the bare image has (torch 2.11): one
+  # call on a fresh machine, no parts (a window too short for the 25 part calls and the
+  # install still checks them). The suite's conftest builds tiny models with
+  # transformers, which the image lacks: --noconftest, the helpers on PYTHONPATH.
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+  PYTHONPATH=.:tests timeout ${KERNEL_TESTS_S:-300} python3 -m pytest --noconftest -v -rs \
+    -p no:cacheprovider tests/kernels tests/schedule/test_triton_prefix.py 2>&1 \
+    | tee $OUT/gpu_kernel_tests.log | tail -n 40 ;;
 sweep-bg)
   shift
   python3 -m pip install -q --no-deps --no-build-isolation --upgrade --target /tmp/site . 2>&1 | grep -v WARNING
