@@ -508,6 +508,10 @@ def test_the_v2_sequential_stage_drafts_decode_trees_tree(head):
     assert torch.equal(sp.draft_tokens[:reqs], want.tokens)
     assert torch.equal(sp.tree_parents[:reqs], want.parents)
     assert torch.equal(sp.tree_depth[:reqs], want.depth)
+    from vllm_dspark.decode.tree_attention import ancestor_mask
+
+    # The ancestor masks the target's tree step reads, built in the draft step.
+    assert torch.equal(sp.tree_mask[:reqs], ancestor_mask(want.parents))
     assert bool((want.sibling > 0).any()), "the case should branch somewhere"
     assert (sp.draft_token_confidence_probs == -1).all()  # no budget: none computed
 

@@ -38,6 +38,7 @@ from vllm.v1.worker.gpu.spec_decode.dspark.speculator import DSparkSpeculator
 from vllm_dspark.config import DSparkConfig, DSparkConfigError
 from vllm_dspark.decode.draft import block_confidence, sts_per_position
 from vllm_dspark.decode.tree import TreeSpec, draft_tree
+from vllm_dspark.decode.tree_attention import ancestor_mask
 
 logger = init_logger(__name__)
 
@@ -179,6 +180,11 @@ class DSparkV2Speculator(DSparkSpeculator):
         shape, dev = self.draft_tokens.shape, self.draft_tokens.device
         self.tree_parents = torch.full(shape, -1, dtype=torch.int64, device=dev)
         self.tree_depth = torch.zeros(shape, dtype=torch.int64, device=dev)
+        # [max_num_reqs, γ+1, γ+1] the trees' ancestor masks (root first), built inside
+        # the draft step's graph: the target's step then reads them instead of walking
+        # the parents again with ~60 small host-launched ops.
+        w = shape[1] + 1
+        self.tree_mask = torch.zeros(shape[0], w, w, dtype=torch.bool, device=dev)
 
     def _draft_tree(self, num_reqs, base, hidden, anchor, idx_map) -> None:
         """The block's tree (``decode.tree``, its CUDA-graph-safe build: top-k children
@@ -190,6 +196,7 @@ class DSparkV2Speculator(DSparkSpeculator):
         self.draft_tokens[:num_reqs] = tree.tokens
         self.tree_parents[:num_reqs] = tree.parents
         self.tree_depth[:num_reqs] = tree.depth
+        self.tree_mask[:num_reqs] = ancestor_mask(tree.parents)
 
     def propose(self, input_batch, *args, **kwargs):
         if kwargs.get("num_speculative_tokens") == 0 and not kwargs.get("dummy_run", False):
@@ -200,7 +207,8 @@ class DSparkV2Speculator(DSparkSpeculator):
 
             r = input_batch.num_reqs
             tree_runner.store_tree(tree_runner.RUN, input_batch.idx_mapping[:r],
-                                   self.tree_parents[:r], self.tree_depth[:r])
+                                   self.tree_parents[:r], self.tree_depth[:r],
+                                   self.tree_mask[:r])
         if self._trace_path and not kwargs.get("dummy_run", False):
             self._trace(input_batch)
         return drafts

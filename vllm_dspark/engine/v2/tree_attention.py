@@ -63,7 +63,8 @@ class TreeRows:
 def tree_rows(query_start_loc: torch.Tensor, cu_num_logits: torch.Tensor,
               idx_mapping: torch.Tensor, num_computed: torch.Tensor,
               parents: torch.Tensor, total_logits: int | None = None,
-              cu_num_logits_host: np.ndarray | None = None, rows=None) -> TreeRows | None:
+              cu_num_logits_host: np.ndarray | None = None, rows=None,
+              masks: torch.Tensor | None = None) -> TreeRows | None:
     """The step's tree requests: those with drafts (more than one logits row), whose
     logits rows are their whole query [root, admitted nodes]. ``num_computed`` and
     ``parents`` [max_reqs, N] by request state; the rest by batch row. None: no tree.
@@ -73,7 +74,9 @@ def tree_rows(query_start_loc: torch.Tensor, cu_num_logits: torch.Tensor,
     ``cu_num_logits_host`` (V2's ``cu_num_logits_np``): the same counts on the host,
     which pick the tree requests without reading the device back. Without it the
     picking (``nonzero``) syncs the host with the device, stalling the launches queued
-    behind it, once a step. ``rows``: the step's ``logits_rows`` if the caller has them."""
+    behind it, once a step. ``rows``: the step's ``logits_rows`` if the caller has them;
+    ``masks`` [max_reqs, N+1, N+1] the trees' ancestor masks by request state if the
+    caller has them (the drafter builds them in its graph), else made from ``parents``."""
     num_logits = (cu_num_logits[1:] - cu_num_logits[:-1]).long()
     if total_logits is None:
         total_logits = int(cu_num_logits[-1])
@@ -100,7 +103,7 @@ def tree_rows(query_start_loc: torch.Tensor, cu_num_logits: torch.Tensor,
     query_start[1:] = n.cumsum(0)
     rows = row if sel is None else row[sel]  # request by request, in batch order
     states = idx_mapping.long()[reqs]
-    mask = ancestor_mask(parents[states])
+    mask = ancestor_mask(parents[states]) if masks is None else masks[states]
     # Nodes past a request's admitted count are not in its query: they see nothing here.
     live = torch.arange(mask.shape[1], device=dev)[None, :] < n[:, None]
     mask = mask & live[:, :, None] & live[:, None, :]

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from vllm_dspark.decode.tree_attention import ancestor_mask
 from vllm_dspark.decode.tree_verify import TreeVerdict
 from vllm_dspark.engine.v2 import tree_attention, tree_step
 from vllm_dspark.kernels.kv_compact import layer_offsets
@@ -43,6 +44,7 @@ class TreeRun:
     parents: torch.Tensor  # [max_reqs, N] int64, -1 = root
     depth: torch.Tensor  # [max_reqs, N] int64
     head_size: int  # the target's attention head size (its KV cache layout)
+    mask: torch.Tensor | None = None  # [max_reqs, N+1, N+1] bool ancestor masks
     tokens: torch.Tensor | None = None  # [max_reqs, N] the nodes' tokens (sample_rows)
     graph: tree_attention.GraphRows | None = None  # what FULL target graphs read
     graph_filled: bool = False  # this step wrote the graph's buffers (cleared after it)
@@ -70,6 +72,8 @@ def new_run(max_reqs: int, n: int, head_size: int, device) -> TreeRun:
     # One spare row: batch rows V2 masks with request state -1 are filed there.
     full = dict(size=(max_reqs + 1, n), dtype=torch.int64, device=device)
     return TreeRun(torch.full(fill_value=-1, **full), torch.zeros(**full), head_size,
+                   mask=torch.zeros(max_reqs + 1, n + 1, n + 1, dtype=torch.bool,
+                                    device=device),
                    tokens=torch.full(fill_value=-1, **full),
                    graph=tree_attention.graph_rows(max_reqs, n, device))
 
@@ -82,12 +86,14 @@ def _states(run: TreeRun, idx_mapping: torch.Tensor) -> torch.Tensor:
 
 
 def store_tree(run: TreeRun, idx_mapping: torch.Tensor, parents: torch.Tensor,
-               depth: torch.Tensor) -> None:
+               depth: torch.Tensor, mask: torch.Tensor | None = None) -> None:
     """The drafter's new trees (by batch row) filed by request state, as V2 files
-    ``draft_tokens``."""
+    ``draft_tokens``; ``mask`` their ancestor masks where the drafter built them (else
+    built here)."""
     states = _states(run, idx_mapping)
     run.parents[states] = parents
     run.depth[states] = depth
+    run.mask[states] = ancestor_mask(parents) if mask is None else mask
 
 
 def begin(run: TreeRun, positions: torch.Tensor, query_start_loc: torch.Tensor,
@@ -102,7 +108,7 @@ def begin(run: TreeRun, positions: torch.Tensor, query_start_loc: torch.Tensor,
     rows = tree_step.logits_rows(query_start_loc, cu_num_logits, total_logits)
     step = tree_attention.tree_rows(query_start_loc, cu_num_logits, idx_mapping,
                                     num_computed, run.parents, total_logits,
-                                    cu_num_logits_host, rows)
+                                    cu_num_logits_host, rows, run.mask)
     run.active = step is not None
     if not run.active:
         return
