@@ -77,6 +77,16 @@
 #       128 --temperatures 0 1 --repeats 2 --min-seconds 2 --kv-gib 2.5" \
 #     WARM_FROM=models/dspark-smollm2-135m PROBE_SPS=3.3 EVAL_S=240 DEADLINE=... window.sh start
 # (the profile first: ~2.3 min a configuration; drop it if the window is short).
+# Seen (2026-12-07, sixth session): no machine came (H100 nor H200: 9 failed starts in
+# 70 min cost 1 550 of the 1 800 s), so that plan is still owed, now with the tree
+# step's host syncs removed (tree rows from V2's host counts, checks in the first step
+# only, one compaction launch for all layers, ancestor masks built in the draft graph);
+# add "or many_layers" to TEST_K. A window too short for the parts can still check the
+# kernels on a bare machine: `bash benchmarks/gpu/session.sh kernel-tests` (one call).
+# Issue 16's architecture rows (ARCH=1 below: seven drafters side by side at a light
+# recipe, then their τ) need ~15 min after the install: a window of their own, e.g.
+#   TESTS_ALONE=1 TEST_WORKERS=3 TEST_K="..." PROFILE=0 KERNELS=0 SCALE=0 ARCH=1 \
+#     DEADLINE=... window.sh start      # then poll S tests, poll S arch
 set -uo pipefail
 export PYTHONPATH=/tmp/site:${PYTHONPATH:-} VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONUNBUFFERED=1
 G=/tmp/gpu; L=$G/window; mkdir -p $L
@@ -108,6 +118,43 @@ start)
       echo sweep-done
     fi
     [ -f /tmp/pair/data60k/data.meta.json ] || bash benchmarks/smollm2/gpu.sh data-in
+    # ARCH=1: the architecture rows of the scale table (issue 16), after the tests and the
+    # sweep and instead of the `big` leg: the drafters of ARCH_SPECS side by side at a light
+    # recipe (ARCH_RECIPE over the recipe, ARCH_STEPS each, own schedules), for the
+    # minutes left before DEADLINE less ARCH_EVAL_S and 90 s (an unfinished schedule
+    # still exports its weights; the table says at which step), then the τ of each
+    # through vLLM (chain, γ 7, T 0 and 1), side by side. `poll S arch` brings back
+    # one tar: each eval_<name>.json with its training_<name>.json.
+    if [ "${ARCH:-0}" = 1 ]; then
+      # 8 sequences x 128 anchors: ~1/8 of the recipe block tokens (~6 GB a run, by the
+      # 48 GB of the recipe), so the seven fit an H100 side by side.
+      specs=${ARCH_SPECS:-"A-L2R32:: A-L1::--num-layers_1 A-L3::--num-layers_3 A-R64::--markov-rank_64 A-R128::--markov-rank_128 A-gated::--markov-head-type_gated A-rnn::--markov-head-type_rnn"}
+      arch_min=$(( ('$DEADLINE' - $(date +%s) - 90 - ${ARCH_EVAL_S:-420}) / 60 ))
+      echo "architecture leg: $arch_min min of training"
+      if [ $arch_min -ge 2 ]; then
+        runs=()
+        for spec in $specs; do
+          name=${spec%%::*}; extra=$(echo "${spec#*::}" | tr _ " ")
+          runs+=("$name:${ARCH_STEPS:-1500}:${ARCH_RECIPE:---batch-size 8 --anchors 128 --warmup 100} $extra")
+        done
+        VMIN=$arch_min SKIP_INSTALL=1 bash benchmarks/smollm2/gpu.sh variants-bg "${runs[@]}"
+        for spec in $specs; do
+          while kill -0 $(cat /tmp/pair/${spec%%::*}.pid) 2>/dev/null; do sleep 5; done
+        done
+        echo arch-trained
+        i=0
+        for spec in $specs; do
+          name=${spec%%::*}
+          [ -f /tmp/pair/$name/model.safetensors ] || continue
+          OUT=$OUT_KEEP SKIP_INSTALL=1 bash benchmarks/smollm2/gpu.sh eval $name $name \
+            --gpu-memory-utilization 0.11 > '$L'/eval_$name.log 2>&1 &
+          sleep 10
+        done
+        wait
+        tar -cf $OUT_KEEP/arch.tar -C $OUT_KEEP $(cd $OUT_KEEP && ls eval_A-*.json training_A-*.json 2>/dev/null)
+      fi
+      echo arch-done
+    fi
     # The data is complete in the repository (data-bg then finds nothing to write); 3
     # shards put parts 2 and 6, the two once missing, on different engines (k % 3).
     SHARDS=${DATA_SHARDS:-3} GPU_MEM=0.35 bash benchmarks/smollm2/gpu.sh data-bg
@@ -173,6 +220,7 @@ poll)
         big) { [ -f /tmp/pair/big.pid ] && ! kill -0 "$(cat /tmp/pair/big.pid)" 2>/dev/null; } || ready=0 ;;
         eval) grep -q eval-done $L/window.log || ready=0 ;;
         sweep) grep -q sweep-done $L/window.log || ready=0 ;;
+        arch) grep -q arch-done $L/window.log || ready=0 ;;
       esac
     done
     [ $ready = 1 ] && break
@@ -191,6 +239,8 @@ poll)
       scale) for d in 4 16; do tail -n 2 /tmp/pair/SEQ$d.log | tr '\r' '\n' | tail -n 2; done ;;
       kernels) cp $OUT_KEEP/tree_kernels_*.json $L/kernels.log $OUT/ 2>/dev/null; tail -n 5 $L/kernels.log ;;
       sweep) cp $OUT_KEEP/gpu_sweep_h200* $OUT_KEEP/sweep.log $OUT/ 2>/dev/null; tail -n 12 $OUT_KEEP/sweep.log ;;
+      arch) cp $OUT_KEEP/arch.tar $OUT/ 2>/dev/null; tail -n 3 $L/eval_A-*.log 2>/dev/null
+            for f in /tmp/pair/A-*.log; do echo "$f: $(tail -c 300 $f | tr '\r' '\n' | tail -n 1)"; done ;;
     esac
   done
   nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader ;;
