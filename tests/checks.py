@@ -1,5 +1,6 @@
 """Test helpers shared across folders: the chi-square goodness-of-fit test of sampled
-transitions, and running a test file's kernel tests in a Triton-interpreter child."""
+transitions, running a test file's kernel tests in a Triton-interpreter child, and
+loading a benchmark script (not a package) as a module."""
 
 from __future__ import annotations
 
@@ -52,3 +53,15 @@ def run_in_triton_interpreter(test_file: str, select: str, summary: str,
     assert r.returncode == 0, out[-6000:]
     last = r.stdout.strip().splitlines()[-1]
     assert re.match(summary, last), last
+
+
+def load_benchmark(name: str):
+    """``benchmarks/<name>.py`` as a module (the scripts are not a package)."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks",
+                        name + ".py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

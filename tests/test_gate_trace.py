@@ -2,21 +2,14 @@
 wall-clock time; per cell the drafted and skipped rates, the time spent at K = 0 and
 the sweep's own tok/s beside them."""
 
-import importlib.util
 import json
-import os
 
 import pytest
-
-HERE = os.path.dirname(os.path.abspath(__file__))
+from checks import load_benchmark
 
 
 def _tool():
-    path = os.path.join(HERE, "..", "benchmarks", "gate_trace.py")
-    spec = importlib.util.spec_from_file_location("gate_trace", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("gate_trace")
 
 
 def _run(c, wall):

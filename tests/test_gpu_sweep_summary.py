@@ -1,19 +1,13 @@
 """benchmarks/gpu_sweep.py's summary on CPU: rows from raw runs, and a configuration that
 died mid-sweep keeps the cells it measured and is left out of the rest."""
 
-import importlib.util
-import os
 from types import SimpleNamespace
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+from checks import load_benchmark
 
 
 def _sweep():
-    path = os.path.join(HERE, "..", "benchmarks", "gpu_sweep.py")
-    spec = importlib.util.spec_from_file_location("gpu_sweep", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("gpu_sweep")
 
 
 def _run(c, seconds, digest="d", drafts=0, accepted=0):
