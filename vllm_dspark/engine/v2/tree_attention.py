@@ -78,30 +78,32 @@ def tree_rows(query_start_loc: torch.Tensor, cu_num_logits: torch.Tensor,
     ``masks`` [max_reqs, N+1, N+1] the trees' ancestor masks by request state if the
     caller has them (the drafter builds them in its graph), else made from ``parents``."""
     num_logits = (cu_num_logits[1:] - cu_num_logits[:-1]).long()
-    if total_logits is None:
-        total_logits = int(cu_num_logits[-1])
-    b, j, row = rows or logits_rows(query_start_loc, cu_num_logits, total_logits)
     dev = num_logits.device
     if cu_num_logits_host is None:
         reqs = (num_logits > 1).nonzero().flatten()
         if reqs.numel() == 0:
             return None
-        sel = (num_logits[b] > 1).nonzero().flatten()  # tree requests' logits rows
     else:
         counts = np.diff(np.asarray(cu_num_logits_host, dtype=np.int64))
         tree = counts > 1
         if not tree.any():
             return None
-        if tree.all():  # every request verifies a tree (steady decoding): all rows
-            reqs = torch.arange(counts.shape[0], device=dev)
-            sel = None
-        else:
-            reqs = _to_device(np.flatnonzero(tree), dev)
-            sel = _to_device(np.flatnonzero(np.repeat(tree, counts)), dev)
+        if total_logits is None:
+            total_logits = int(counts.sum())
+        # Every request verifies a tree (steady decoding): all logits rows, no index.
+        reqs = (torch.arange(counts.shape[0], device=dev) if tree.all()
+                else _to_device(np.flatnonzero(tree), dev))
+    if total_logits is None:
+        total_logits = int(cu_num_logits[-1])
+    b, j, row = rows or logits_rows(query_start_loc, cu_num_logits, total_logits)
+    if cu_num_logits_host is None:
+        sel = (num_logits[b] > 1).nonzero().flatten()  # tree requests' logits rows
+    else:
+        sel = None if tree.all() else _to_device(np.flatnonzero(np.repeat(tree, counts)), dev)
     n = num_logits[reqs]
     query_start = torch.zeros(reqs.shape[0] + 1, dtype=torch.int64, device=dev)
     query_start[1:] = n.cumsum(0)
-    rows = row if sel is None else row[sel]  # request by request, in batch order
+    query_rows = row if sel is None else row[sel]  # request by request, in batch order
     states = idx_mapping.long()[reqs]
     mask = ancestor_mask(parents[states]) if masks is None else masks[states]
     # Nodes past a request's admitted count are not in its query: they see nothing here.
@@ -118,7 +120,7 @@ def tree_rows(query_start_loc: torch.Tensor, cu_num_logits: torch.Tensor,
         tree_index = torch.cumsum(num_logits > 1, 0) - 1  # batch row -> index in reqs
         causal = causal_rows[tree_index[b[sel]], j[sel]]
     # In the dtypes the kernel reads, once a step rather than once a layer.
-    return TreeRows(rows, reqs, query_start, num_computed.long()[states].contiguous(),
+    return TreeRows(query_rows, reqs, query_start, num_computed.long()[states].contiguous(),
                     mask.to(torch.int8).contiguous(), causal)
 
 

@@ -12,6 +12,7 @@ gets the first layer's K cache as its base and each layer's K and V as element
 offsets from it (``layer_offsets``, built once: vLLM's caches stay the same tensors
 from step to step). A launch per layer cost the tree step 30 host launches (SmolLM2).
 """
+
 from __future__ import annotations
 
 import torch
